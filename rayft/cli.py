@@ -1,0 +1,258 @@
+"""The `rayft` command: one thin subcommand per stage (parse -> config -> call the stage).
+
+Stage modules are imported inside the handlers: `rayft config show` should not pay for
+importing torch and Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rayft.config import JobConfig, dump_config, field_help, load_config
+from rayft.errors import RayftError
+
+
+def _config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("config", nargs=None if required else "?", help="job file (YAML)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set training.max_steps=20 (repeatable)",
+    )
+    p.add_argument("--address", help="Ray address of an existing cluster (default: RAY_ADDRESS or embedded)")
+
+
+def _load(args: argparse.Namespace) -> JobConfig:
+    overrides = list(args.overrides)
+    if getattr(args, "address", None):
+        overrides.append(f"cluster.address={args.address}")
+    return load_config(args.config, overrides)
+
+
+# --------------------------------------------------------------------------- handlers
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    if args.help_fields:
+        for key, default, desc in field_help():
+            print(f"{key:45s} {default:25s} {desc}")
+        return 0
+    print(dump_config(_load(args)), end="")
+    return 0
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from rayft import models
+
+    for m in models.list_models():
+        print(f"{m['name']:24s} cached={m['cached']:3s} {m['license']:11s} {m['description']}")
+        if m["cached"] == "yes":
+            print(f"{'':24s} {m['path']}")
+    return 0
+
+
+def cmd_models_pull(args: argparse.Namespace) -> int:
+    from rayft import models
+
+    for name in args.names:
+        was = models.is_cached(name)
+        path = models.pull(name, force=args.force)
+        print(f"{name}: {'already cached' if was and not args.force else 'cached'} at {path}")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from rayft.data import prepare
+
+    prepare(_load(args))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from rayft.training import train
+
+    train(_load(args), resume=args.resume)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from rayft.evaluation import evaluate
+
+    evaluate(_load(args))
+    return 0
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from rayft.quickstart import quickstart
+
+    quickstart(config=args.config, overrides=args.overrides, resume=args.resume)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from rayft.serving import serve
+
+    serve(_load(args))
+    return 0
+
+
+def cmd_ab_report(args: argparse.Namespace) -> int:
+    from rayft.serving import ab_report
+
+    report = ab_report(_load(args), experiment=args.experiment)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from rayft.export import merge
+
+    merge(_load(args))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from rayft.export import export
+
+    export(_load(args), fmt=args.format)
+    return 0
+
+
+def cmd_cluster_status(args: argparse.Namespace) -> int:
+    from rayft.cluster import status
+
+    status(args.address)
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from rayft.cluster import submit
+
+    return submit(
+        args.config,
+        args.stage_args,
+        address=args.address,
+        overrides=args.overrides,
+        follow=not args.no_follow,
+    )
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from rayft.cluster import jobs
+
+    return jobs(args.action, job_id=args.job_id, address=args.address)
+
+
+def cmd_k8s_render(args: argparse.Namespace) -> int:
+    from rayft.cluster import render
+
+    for path in render(_load(args), Path(args.out), config_path=args.config):
+        print(path)
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rayft", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("prepare", help="validate, clean, split, tokenize and pack the data")
+    _config_args(p)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="fine-tune on Ray Train")
+    _config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="compare base and fine-tuned models on the test split")
+    _config_args(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("quickstart", help="the whole loop on the embedded default model")
+    _config_args(p, required=False)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted quickstart")
+    p.set_defaults(func=cmd_quickstart)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible API on Ray Serve")
+    _config_args(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("ab", help="A/B experiments").add_subparsers(dest="ab", required=True)
+    r = p.add_parser("report", help="per-arm win rates and ratings with CIs")
+    _config_args(r)
+    r.add_argument("--experiment", help="experiment name (default: all)")
+    r.add_argument("--json", action="store_true", help="print the report as JSON")
+    r.set_defaults(func=cmd_ab_report)
+
+    p = sub.add_parser("merge", help="merge the adapter into the base; verify")
+    _config_args(p)
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("export", help="export the merged model (GGUF); verify")
+    _config_args(p)
+    p.add_argument("--format", default="gguf", choices=["gguf"], help="export format")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("config", help="job files").add_subparsers(dest="cfg", required=True)
+    s = p.add_parser("show", help="print the resolved config")
+    _config_args(s, required=False)
+    s.add_argument("--help-fields", action="store_true", help="list every key with its meaning")
+    s.set_defaults(func=cmd_config_show)
+
+    p = sub.add_parser("models", help="base models").add_subparsers(dest="models", required=True)
+    s = p.add_parser("list", help="registry models and whether they are cached")
+    s.set_defaults(func=cmd_models_list)
+    s = p.add_parser("pull", help="cache registry models")
+    s.add_argument("names", nargs="+")
+    s.add_argument("--force", action="store_true", help="rebuild even when cached")
+    s.set_defaults(func=cmd_models_pull)
+
+    p = sub.add_parser("cluster", help="Ray clusters").add_subparsers(dest="cluster", required=True)
+    s = p.add_parser("status", help="nodes, CPUs/GPUs and running rayft jobs")
+    s.add_argument("--address", help="Ray address (default: RAY_ADDRESS)")
+    s.set_defaults(func=cmd_cluster_status)
+
+    p = sub.add_parser("submit", help="run a stage as a Ray Job: rayft submit CONFIG -- STAGE [ARGS]")
+    _config_args(p)
+    p.add_argument("--no-follow", action="store_true", help="return after submitting")
+    p.add_argument("stage_args", nargs=argparse.REMAINDER, help="-- STAGE [ARGS]")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("jobs", help="Ray Jobs submitted by rayft")
+    p.add_argument("action", choices=["list", "logs", "stop"])
+    p.add_argument("job_id", nargs="?")
+    p.add_argument("--address", help="Ray dashboard address (default: RAY_ADDRESS)")
+    p.set_defaults(func=cmd_jobs)
+
+    p = sub.add_parser("k8s", help="KubeRay").add_subparsers(dest="k8s", required=True)
+    s = p.add_parser("render", help="render RayJob / RayService manifests")
+    _config_args(s)
+    s.add_argument("--out", required=True, help="output directory")
+    s.set_defaults(func=cmd_k8s_render)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except RayftError as e:
+        print(f"rayft: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rayft: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
