@@ -25,7 +25,9 @@ def _config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
         metavar="KEY=VALUE",
         help="override a config key, e.g. --set training.max_steps=20 (repeatable)",
     )
-    p.add_argument("--address", help="Ray address of an existing cluster (default: RAY_ADDRESS or embedded)")
+    p.add_argument(
+        "--address", help="Ray address of an existing cluster (default: RAY_ADDRESS or embedded)"
+    )
 
 
 def _load(args: argparse.Namespace) -> JobConfig:
@@ -91,7 +93,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from rayft.quickstart import quickstart
 
-    quickstart(config=args.config, overrides=args.overrides, resume=args.resume)
+    overrides = list(args.overrides)
+    if args.address:
+        overrides.append(f"cluster.address={args.address}")
+    quickstart(config=args.config, overrides=overrides, resume=args.resume)
     return 0
 
 
@@ -222,7 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--address", help="Ray address (default: RAY_ADDRESS)")
     s.set_defaults(func=cmd_cluster_status)
 
-    p = sub.add_parser("submit", help="run a stage as a Ray Job: rayft submit CONFIG -- STAGE [ARGS]")
+    p = sub.add_parser(
+        "submit", help="run a stage as a Ray Job: rayft submit CONFIG -- STAGE [ARGS]"
+    )
     _config_args(p)
     p.add_argument("--no-follow", action="store_true", help="return after submitting")
     p.add_argument("stage_args", nargs=argparse.REMAINDER, help="-- STAGE [ARGS]")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -73,7 +74,10 @@ class DedupeConfig(_Section):
     exact: bool = Field(True, description="Drop rows whose normalised content repeats exactly.")
     near: bool = Field(True, description="Drop near-duplicates (MinHash/LSH over word shingles).")
     near_threshold: float = Field(
-        0.85, gt=0, le=1, description="Estimated Jaccard similarity above which rows are duplicates."
+        0.85,
+        gt=0,
+        le=1,
+        description="Estimated Jaccard similarity above which rows are duplicates.",
     )
     num_perm: int = Field(128, ge=16, description="MinHash permutations.")
     shingle_size: int = Field(5, ge=1, description="Words per shingle for near-dedupe.")
@@ -115,7 +119,9 @@ class DataConfig(_Section):
     normalize: bool = Field(True, description="Unicode NFC and whitespace normalisation.")
     pii: PIIConfig = Field(default_factory=PIIConfig, description="PII scrubbing.")
     dedupe: DedupeConfig = Field(default_factory=DedupeConfig, description="Deduplication.")
-    split: SplitConfig = Field(default_factory=SplitConfig, description="Train/validation/test split.")
+    split: SplitConfig = Field(
+        default_factory=SplitConfig, description="Train/validation/test split."
+    )
     assistant_only_loss: bool = Field(
         True, description="Mask labels (-100) everywhere but assistant turns."
     )
@@ -153,7 +159,8 @@ class DeepSpeedConfig(_Section):
     offload_optimizer: bool = Field(False, description="Offload optimizer states to CPU.")
     offload_params: bool = Field(False, description="Offload parameters to CPU (ZeRO-3 only).")
     raw_config: str | dict[str, Any] | None = Field(
-        None, description="Expert escape hatch: a DeepSpeed JSON config (path or mapping) used as is."
+        None,
+        description="Expert escape hatch: a DeepSpeed JSON config (path or mapping) used as is.",
     )
 
 
@@ -165,7 +172,9 @@ class TrackingConfig(_Section):
 
 
 class TrainingConfig(_Section):
-    method: Literal["full", "lora", "qlora", "dora"] = Field("lora", description="Fine-tuning method.")
+    method: Literal["full", "lora", "qlora", "dora"] = Field(
+        "lora", description="Fine-tuning method."
+    )
     objective: Literal["auto", "sft", "dpo"] = Field(
         "auto", description="Training objective; auto: dpo for preference data, else sft."
     )
@@ -185,12 +194,18 @@ class TrainingConfig(_Section):
     )
     seed: int = Field(42, description="Seed for weights init of adapters, dropout and data order.")
     logging_steps: int = Field(1, ge=1, description="Log metrics every N steps.")
-    eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps (None: at the end).")
-    save_steps: int | None = Field(None, ge=1, description="Checkpoint every N steps (None: at the end).")
+    eval_steps: int | None = Field(
+        None, ge=1, description="Evaluate every N steps (None: at the end)."
+    )
+    save_steps: int | None = Field(
+        None, ge=1, description="Checkpoint every N steps (None: at the end)."
+    )
     keep_checkpoints: int = Field(2, ge=1, description="Keep the N best checkpoints by eval loss.")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA / DoRA / QLoRA adapter.")
     quantization: QuantConfig = Field(default_factory=QuantConfig, description="QLoRA 4-bit base.")
-    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig, description="DeepSpeed ZeRO.")
+    deepspeed: DeepSpeedConfig = Field(
+        default_factory=DeepSpeedConfig, description="DeepSpeed ZeRO."
+    )
     dpo_beta: float = Field(0.1, gt=0, description="DPO temperature beta.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="Trackers.")
 
@@ -202,7 +217,9 @@ class K8sConfig(_Section):
     namespace: str = Field("default", description="Kubernetes namespace of rendered manifests.")
     image: str = Field("rayft/rayft:0.1.0", description="Container image for head and workers.")
     node_selector: dict[str, str] = Field(default_factory=dict, description="Worker node selector.")
-    tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Worker tolerations.")
+    tolerations: list[dict[str, Any]] = Field(
+        default_factory=list, description="Worker tolerations."
+    )
     storage: str = Field(
         "pvc:rayft-runs",
         description="Shared storage for run dirs: `pvc:<claim-name>` or an s3:// prefix.",
@@ -217,14 +234,18 @@ class ClusterConfig(_Section):
     address: str | None = Field(
         None, description="Ray address of an existing cluster; None starts an embedded local Ray."
     )
-    num_workers: int = Field(2, ge=1, description="Ray Train workers (one per GPU on GPU clusters).")
+    num_workers: int = Field(
+        2, ge=1, description="Ray Train workers (one per GPU on GPU clusters)."
+    )
     use_gpu: bool = Field(False, description="Give each worker a GPU.")
     gpus_per_node: int = Field(1, ge=1, description="GPUs per node (sizes KubeRay worker groups).")
     cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per training worker.")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="Placement group strategy of the training workers."
     )
-    max_failures: int = Field(0, ge=-1, description="Worker failures to recover from (-1: unlimited).")
+    max_failures: int = Field(
+        0, ge=-1, description="Worker failures to recover from (-1: unlimited)."
+    )
     storage_path: str | None = Field(
         None, description="Checkpoint storage (local dir or s3://); default <run_dir>/checkpoints."
     )
@@ -239,6 +260,19 @@ class CheckConfig(_Section):
     kind: Literal["regex", "json_keys", "contains"] = Field(description="What the check tests.")
     pattern: str | None = Field(None, description="Regex (kind=regex) or substring (contains).")
     keys: list[str] = Field(default_factory=list, description="Required keys (kind=json_keys).")
+
+    @model_validator(mode="after")
+    def _complete(self) -> CheckConfig:
+        if self.kind in ("regex", "contains") and not self.pattern:
+            raise ValueError(f"check '{self.name}' (kind={self.kind}) needs a pattern")
+        if self.kind == "json_keys" and not self.keys:
+            raise ValueError(f"check '{self.name}' (kind=json_keys) needs keys")
+        if self.kind == "regex":
+            try:
+                re.compile(self.pattern or "")
+            except re.error as e:
+                raise ValueError(f"check '{self.name}': bad regex {self.pattern!r}: {e}") from None
+        return self
 
 
 class JudgeConfig(_Section):
@@ -257,9 +291,20 @@ class EvalConfig(_Section):
     do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
     temperature: float = Field(0.7, gt=0, description="Sampling temperature (do_sample only).")
     batch_size: int = Field(8, ge=1, description="Prompts per generation batch.")
-    num_replicas: int = Field(1, ge=1, description="Model replicas in the Ray Data actor pool.")
+    num_replicas: int = Field(
+        1,
+        ge=1,
+        description="Model replicas in the Ray Data actor pool (1 CPU each; 1 GPU each with "
+        "cluster.use_gpu).",
+    )
     checks: list[CheckConfig] = Field(default_factory=list, description="Task checks.")
     judge: JudgeConfig | None = Field(None, description="Optional LLM-as-judge (pairwise).")
+    forgetting: bool = Field(
+        True, description="Also compare perplexity on rayft's shipped general-text set."
+    )
+    max_report_examples: int = Field(
+        50, ge=0, description="Examples where the arms differ shown side by side in report.html."
+    )
     bootstrap_samples: int = Field(2000, ge=100, description="Bootstrap resamples for CIs.")
     seed: int = Field(0, description="Seed of bootstrap and sampling.")
 
@@ -285,14 +330,19 @@ class ExperimentConfig(_Section):
 class AutoscalingConfig(_Section):
     min_replicas: int = Field(1, ge=0, description="Fewest replicas.")
     max_replicas: int = Field(1, ge=1, description="Most replicas.")
-    target_ongoing_requests: float = Field(4, gt=0, description="Scale to keep this many per replica.")
+    target_ongoing_requests: float = Field(
+        4, gt=0, description="Scale to keep this many per replica."
+    )
 
 
 class ServeConfig(_Section):
     host: str = Field("127.0.0.1", description="Address the HTTP proxy binds.")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of the OpenAI-compatible API.")
     api_key: str | None = Field(None, description="Inference key (Bearer); env RAYFT_API_KEY wins.")
-    admin_key: str | None = Field(None, description="Admin key for adapter management.")
+    admin_key: str | None = Field(
+        None,
+        description="Admin key for /admin/* (adapters, experiments); env RAYFT_ADMIN_KEY wins.",
+    )
     engine: Literal["transformers", "vllm"] = Field("transformers", description="Inference engine.")
     adapters: dict[str, str] = Field(
         default_factory=dict, description="Adapter name -> path (run dir, adapter dir or s3://)."
@@ -311,8 +361,17 @@ class ServeConfig(_Section):
     max_ongoing_requests: int = Field(8, ge=1, description="Requests a replica works on at once.")
     max_queued_requests: int = Field(32, ge=0, description="Requests queued before 503.")
     max_batch_size: int = Field(8, ge=1, description="Requests batched into one forward pass.")
+    batch_wait_ms: float = Field(
+        50,
+        ge=0,
+        description="How long a replica waits to fill a batch (generation takes far longer).",
+    )
     max_tokens_limit: int = Field(1024, ge=1, description="Largest max_tokens a request may ask.")
     max_loaded_adapters: int = Field(16, ge=1, description="Adapters resident per replica.")
+    max_lora_rank: int = Field(64, ge=1, description="Largest LoRA rank an adapter may have.")
+    max_n: int = Field(8, ge=1, description="Largest `n` (choices per request) a request may ask.")
+    cpus_per_replica: float = Field(1, ge=0, description="CPUs reserved per engine replica.")
+    gpus_per_replica: float = Field(0, ge=0, description="GPUs per engine replica (vllm: >= 1).")
 
 
 # --------------------------------------------------------------------------- export
@@ -320,9 +379,16 @@ class ServeConfig(_Section):
 
 class ExportConfig(_Section):
     gguf_types: list[Literal["f32", "f16", "q8_0", "q4_0"]] = Field(
-        default_factory=lambda: ["f16", "q8_0"], description="GGUF tensor types to write."
+        default_factory=lambda: ["f16", "q8_0"],
+        description="GGUF tensor types to write, one verified file each: "
+        "<run_dir>/export/<name>-<type>.gguf.",
     )
     max_shard_size: str = Field("5GB", description="Largest safetensors shard of merged models.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Dtype the base is loaded, merged and saved in; auto: the training compute "
+        "dtype (training.precision / quantization.compute_dtype; bf16 on GPU, fp32 on CPU).",
+    )
     verify_prompts: list[str] = Field(
         default_factory=lambda: [
             "Hello! What can you do?",
@@ -424,7 +490,9 @@ def load_config(
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from e
         if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: a job file is a mapping of sections, got {type(loaded).__name__}")
+            raise ConfigError(
+                f"{path}: a job file is a mapping of sections, got {type(loaded).__name__}"
+            )
         data = loaded or {}
     for assignment in overrides:
         apply_override(data, assignment)

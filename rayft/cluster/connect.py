@@ -7,10 +7,18 @@ other cluster on the machine, and stops it again when the stage ends.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Iterator
 
 import ray
+
+
+def local_cpus(num_workers: int = 1, cpus_per_worker: float = 1.0) -> int:
+    """Logical CPUs for an embedded Ray: the machine's, but never fewer than the training
+    workers need plus two for the Ray Data tasks that feed them. With only os.cpu_count() on a
+    2-core machine, two workers take every CPU and the data pipeline waits forever for one."""
+    return max(os.cpu_count() or 1, math.ceil(num_workers * cpus_per_worker) + 2)
 
 
 def resolve_address(address: str | None) -> str | None:
