@@ -1,0 +1,340 @@
+"""`rayft prepare`: validate -> clean -> dedupe -> split -> template -> tokenize -> pack on Ray Data.
+
+The pipeline streams in two legs with one global step between them. Leg one reads every file,
+validates, cleans and signs each row (content hash + MinHash) and is materialised in the object
+store. The driver then makes the global decisions that need all rows at once (rejects and
+fail-fast, exact and near duplicates across files) from the small columns only. Leg two drops
+the duplicates, assigns splits, tokenizes in an actor pool (one tokenizer load per actor),
+writes the splits and packs them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from rayft.config import DataConfig, JobConfig
+from rayft.data import dedupe, report, sources, stages
+from rayft.data.pack import efficiency
+from rayft.errors import RayftError
+
+STAGING = ".splits"
+
+
+class DataValidationError(RayftError):
+    """Bad rows with data.on_error: fail."""
+
+
+@dataclass
+class DataArtifacts:
+    """What `prepare` wrote: split directories, packed directories and the report."""
+
+    data_dir: Path
+    splits: dict[str, Path]
+    packed: dict[str, Path] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def prepare(cfg: JobConfig) -> DataArtifacts:
+    """Run the whole data stage for `cfg` and record it in run.json."""
+    import ray
+
+    from rayft import manifest, models
+    from rayft.cluster.connect import local_cpus, ray_session
+
+    start = time.perf_counter()
+    d = cfg.data
+    if not d.train_files:
+        raise sources.DataInputError("data.train_files is empty: list at least one input file")
+    # Priority for dedupe: the held-out files first, so a train row that repeats a test row is
+    # the copy that goes (no leakage), then files and lines in the order given.
+    files = sources.expand(d.test_files, "test", 0)
+    files += sources.expand(d.validation_files, "validation", len(files))
+    files += sources.expand(d.train_files, "", len(files))
+    data_dir = cfg.run_path / "data"
+    _clear(data_dir)
+    model_path = models.resolve(cfg.model.base, cfg.model.revision)
+
+    with ray_session(
+        cfg.cluster.address,
+        num_cpus=local_cpus(cfg.cluster.num_workers, cfg.cluster.cpus_per_worker),
+    ):
+        cleaned = _read_and_clean(files, d).materialize()
+        facts = _collect_cleaned(cleaned)
+        marks = [start]
+        timings = {"read_validate_clean": _lap(marks)}
+        report.write_rejects(data_dir / "rejects.jsonl", facts["rejects"])
+        _announce_formats(facts["formats"], d.format)
+        if facts["rejects"] and d.on_error == "fail":
+            raise DataValidationError(
+                f"{len(facts['rejects'])} bad rows (data.on_error: fail, nothing written but "
+                f"{data_dir / 'rejects.jsonl'}):\n{report.error_summary(facts['rejects'])}\n"
+                "Fix the rows, or set data.on_error: skip to leave them out."
+            )
+        kind = _single_kind(facts["kinds"])
+        exact, near = dedupe.find_duplicates(
+            facts["signatures"],
+            d.dedupe.near,
+            d.dedupe.near_threshold,
+            d.dedupe.num_perm,
+            exact_dedupe=d.dedupe.exact,
+        )
+        timings["dedupe"] = _lap(marks)
+        validation = 0.0 if d.validation_files else d.split.validation
+        test = 0.0 if d.test_files else d.split.test
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        tokenized = (
+            cleaned.map_batches(
+                stages.keep_and_split,
+                batch_format="pyarrow",
+                fn_kwargs={
+                    "drop": frozenset(exact | near),
+                    "validation": validation,
+                    "test": test,
+                    "seed": d.split.seed,
+                },
+            )
+            .map_batches(
+                stages.Tokenize,
+                batch_format="pyarrow",
+                batch_size=d.batch_size,
+                fn_constructor_kwargs={
+                    "model_path": model_path,
+                    "kind": kind,
+                    "assistant_only": d.assistant_only_loss,
+                    "max_len": d.max_seq_len,
+                    "overlength": d.overlength,
+                },
+                concurrency=(1, max(1, cpus)),
+            )
+            .materialize()
+        )
+        stats = _collect_tokenized(tokenized)
+        timings["split_tokenize"] = _lap(marks)
+        splits = _write_splits(tokenized, data_dir, kind, stats["rows"])
+        timings["write"] = _lap(marks)
+        packed, packing = {}, {}
+        if kind == "sft" and d.pack:
+            packed, packing = _write_packed(tokenized, data_dir, d.max_seq_len, stats)
+        timings["pack"] = _lap(marks)
+
+    data_report = {
+        "rows_in": facts["rows_in"],
+        "rows_out": {s: stats["rows"][s] for s in report.SPLITS},
+        "rejected": dict(Counter(r["kind"] for r in facts["rejects"])),
+        "duplicates_removed": {"exact": len(exact), "near": len(near)},
+        "pii_redactions": facts["pii"],
+        "overlength": {"dropped": stats["dropped"], "truncated": stats["truncated"]},
+        "tokens": {s: stats["tokens"][s] for s in report.SPLITS},
+        "packing_efficiency": packing.get("efficiency", 0.0),
+        "packing": packing,
+        "kind": kind,
+        "formats": facts["formats"],
+        "tokenizer": cfg.model.base,
+        "max_seq_len": d.max_seq_len,
+        "seconds": {k: round(v, 2) for k, v in timings.items()},
+    }
+    report.check_accounting(data_report)
+    (data_dir / "data_report.json").write_text(json.dumps(data_report, indent=2) + "\n")
+    seconds = time.perf_counter() - start
+    report.print_summary(data_report, data_dir, seconds)
+    manifest.record_stage(
+        cfg.run_path, "prepare", cfg, data_hash=stats["hash"], report=data_report, seconds=seconds
+    )
+    return DataArtifacts(data_dir, splits, packed, data_report)
+
+
+def _lap(marks: list[float]) -> float:
+    """Seconds since the last mark (and set a new one)."""
+    marks.append(time.perf_counter())
+    return marks[-1] - marks[-2]
+
+
+def _clear(data_dir: Path) -> None:
+    # Ray Data appends files to existing directories: stale splits would mix with new ones.
+    for name in ("train.parquet", "validation.parquet", "test.parquet", "packed", STAGING):
+        shutil.rmtree(data_dir / name, ignore_errors=True)
+    for name in ("rejects.jsonl", "data_report.json"):
+        (data_dir / name).unlink(missing_ok=True)
+    data_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _read_and_clean(files: list[sources.InputFile], d: DataConfig):
+    import ray.data
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    parts = []
+    for protocol in sorted({f.protocol for f in files}):
+        group = [f for f in files if f.protocol == protocol]
+        fs = None
+        if protocol not in ("file", "local"):
+            fs = PyFileSystem(FSSpecHandler(sources.filesystem(protocol)))
+        ds = ray.data.read_binary_files(
+            [f.path for f in group], include_paths=True, filesystem=fs
+        ).map_batches(
+            sources.split_files,
+            batch_size=1,
+            batch_format="pyarrow",
+            fn_kwargs={"files": {f.path: f for f in group}, "fmt": d.format},
+        )
+        parts.append(ds)
+    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    # A file arrives as one block; re-block it so validation and cleaning run in parallel.
+    return ds.repartition(target_num_rows_per_block=d.batch_size * 4).map_batches(
+        stages.validate_clean,
+        batch_size=d.batch_size,
+        batch_format="pyarrow",
+        fn_kwargs={
+            "normalize": d.normalize,
+            "pii_types": list(d.pii.types) if d.pii.enabled else [],
+            "num_perm": d.dedupe.num_perm,
+            "shingle_size": d.dedupe.shingle_size,
+            "near": d.dedupe.near,
+        },
+    )
+
+
+def _collect_cleaned(ds) -> dict[str, Any]:
+    """The driver's view of leg one: rejects, signatures, formats, kinds and PII counts."""
+    rejects, signatures, formats, kinds, pii = [], [], {}, Counter(), Counter()
+    rows_in = 0
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        rows_in += batch.num_rows
+        for t in stages.PII_TYPES:
+            pii[t] += pc.sum(batch[f"pii_{t}"]).as_py() or 0
+        small = batch.drop_columns(["messages", "text", "prompt", "chosen", "rejected"])
+        for r in small.to_pylist():
+            formats[r["file"]] = r["format"]
+            if r["error_kind"] is not None:
+                rejects.append(
+                    {
+                        "file": r["file"],
+                        "line": r["line"],
+                        "field": r["error_field"],
+                        "kind": r["error_kind"],
+                        "reason": r["reason"],
+                        "row": r["raw"],
+                    }
+                )
+                continue
+            kinds[r["kind"]] += 1
+            source = f"{r['file']}:{r['line']}"
+            signatures.append(((r["order"], r["line"]), source, r["id"], r["minhash"]))
+    rejects.sort(key=lambda r: (r["file"], r["line"]))
+    return {
+        "rows_in": rows_in,
+        "rejects": rejects,
+        "signatures": [s[1:] for s in sorted(signatures, key=lambda s: s[0])],
+        "formats": dict(sorted(formats.items())),
+        "kinds": kinds,
+        "pii": {t: pii[t] for t in stages.PII_TYPES},
+    }
+
+
+def _announce_formats(formats: dict[str, str], configured: str) -> None:
+    from rich.console import Console
+
+    how = "detected" if configured == "auto" else "configured"
+    for f, fmt in formats.items():
+        Console().print(f"[bold]{f}[/bold]: format {fmt} ({how})")
+
+
+def _single_kind(kinds: Counter) -> str:
+    if len(kinds) > 1:
+        raise DataValidationError(
+            f"the inputs mix SFT and preference rows ({dict(kinds)}); one run trains one "
+            "objective: prepare them as separate runs"
+        )
+    if not kinds:
+        raise DataValidationError("no valid rows: every input row was rejected (see rejects.jsonl)")
+    return next(iter(kinds))
+
+
+def _collect_tokenized(ds) -> dict[str, Any]:
+    rows, tokens, dropped, truncated = Counter(), Counter(), 0, 0
+    ids = []
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        for r in batch.select(["id", "split", "num_tokens", "overlength"]).to_pylist():
+            if r["overlength"] == "dropped":
+                dropped += 1
+                continue
+            truncated += r["overlength"] == "truncated"
+            rows[r["split"]] += 1
+            tokens[r["split"]] += r["num_tokens"]
+            ids.append(f"{r['split']}:{r['id']}")
+    # Content-addressed: the same prepared examples give the same hash, wherever they came from.
+    digest = hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:16]
+    return {
+        "rows": rows,
+        "tokens": tokens,
+        "dropped": dropped,
+        "truncated": truncated,
+        "hash": digest,
+    }
+
+
+def _write_splits(ds, data_dir: Path, kind: str, rows: Counter) -> dict[str, Path]:
+    schema = stages.SFT_SCHEMA if kind == "sft" else stages.PREFERENCE_SCHEMA
+    # One pass writes all splits (hive-partitioned by split, which also drops the column);
+    # the partition directories are then renamed to the contract's names.
+    staging = data_dir / STAGING
+    ds.map_batches(
+        stages.split_rows,
+        batch_format="pyarrow",
+        fn_kwargs={"name": None, "columns": [*schema.names, "split"]},
+    ).write_parquet(str(staging.resolve()), partition_cols=["split"])
+    out = {}
+    for name in report.SPLITS:
+        path = data_dir / f"{name}.parquet"
+        if rows[name]:
+            (staging / f"split={name}").rename(path)
+        else:  # an empty split still has a schema, so readers need no special case
+            path.mkdir(parents=True, exist_ok=True)
+            pq.write_table(schema.empty_table(), path / "empty.parquet")
+        out[name] = path
+    shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def _write_packed(
+    ds, data_dir: Path, max_len: int, stats: dict[str, Any]
+) -> tuple[dict[str, Path], dict[str, Any]]:
+    out, sequences = {}, {}
+    for name in ("train", "validation"):
+        if not stats["rows"][name]:
+            continue
+        path = data_dir / "packed" / f"{name}.parquet"
+        packed = (
+            ds.map_batches(
+                stages.split_rows,
+                batch_format="pyarrow",
+                fn_kwargs={"name": name, "columns": ["input_ids", "labels"]},
+            )
+            # Large batches: best-fit decreasing leaves at most a partly filled bin or two per batch.
+            .map_batches(
+                stages.pack_batch,
+                batch_size=4096,
+                batch_format="pyarrow",
+                fn_kwargs={"max_len": max_len},
+            )
+            .materialize()
+        )
+        sequences[name] = packed.count()
+        packed.write_parquet(str(path.resolve()))
+        out[name] = path
+    real = sum(stats["tokens"][s] for s in sequences)
+    packing = {
+        "efficiency": round(efficiency(real, sum(sequences.values()), max_len), 4),
+        "sequences": sequences,
+        "definition": "real tokens / (packed sequences x max_seq_len)",
+    }
+    return out, packing

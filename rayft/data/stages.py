@@ -1,0 +1,287 @@
+"""The Ray Data batch functions of `rayft prepare`, in pipeline order.
+
+Each takes and returns a pyarrow Table with a fixed schema, so blocks from different files
+(and rows that were rejected) always line up.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from typing import Any
+
+import pyarrow as pa
+
+from rayft.data import clean, dedupe, formats, pack, split, tokens
+from rayft.data.formats import RowError
+from rayft.data.sources import UNREADABLE
+
+PII_TYPES = tuple(clean.PLACEHOLDERS)
+CLEAN_SCHEMA = pa.schema(
+    [
+        ("file", pa.string()),
+        ("line", pa.int64()),
+        ("order", pa.int32()),
+        ("split_hint", pa.string()),
+        ("format", pa.string()),
+        # rejected rows: what was wrong, and the row as it was
+        ("error_kind", pa.string()),
+        ("error_field", pa.string()),
+        ("reason", pa.string()),
+        ("raw", pa.string()),
+        # valid rows, cleaned
+        ("id", pa.string()),
+        ("kind", pa.string()),
+        ("messages", pa.string()),
+        ("text", pa.string()),
+        ("prompt", pa.string()),
+        ("chosen", pa.string()),
+        ("rejected", pa.string()),
+        ("minhash", pa.binary()),
+        *[(f"pii_{t}", pa.int32()) for t in PII_TYPES],
+    ]
+)
+INT_LIST = pa.list_(pa.int32())
+SFT_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("source", pa.string()),
+        ("kind", pa.string()),
+        ("messages", pa.string()),
+        ("text", pa.string()),
+        ("input_ids", INT_LIST),
+        ("labels", INT_LIST),
+        ("num_tokens", pa.int32()),
+    ]
+)
+PREFERENCE_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("source", pa.string()),
+        ("kind", pa.string()),
+        ("prompt", pa.string()),
+        ("chosen", pa.string()),
+        ("rejected", pa.string()),
+        ("num_tokens", pa.int32()),
+    ]
+)
+# What the tokenize step adds for the driver's accounting; dropped before writing.
+BOOKKEEPING = [("split", pa.string()), ("overlength", pa.string())]
+PACKED_SCHEMA = pa.schema(
+    [(c, INT_LIST) for c in ("input_ids", "labels", "position_ids", "seq_lengths")]
+)
+
+
+# --------------------------------------------------------------------------- validate + clean
+
+
+def _clean_messages(messages, fix, pii_types, counts) -> list[dict[str, str]]:
+    return [{"role": m["role"], "content": fix(m["content"], pii_types, counts)} for m in messages]
+
+
+def clean_row(
+    raw: str, fmt: str, normalize: bool, pii_types: list[str], counts: Counter
+) -> formats.Example:
+    """Parse, validate, normalise and scrub one row; raises RowError."""
+    if fmt == UNREADABLE:  # `raw` holds the parser's message, not a row
+        raise RowError("bad_json", "(file)", raw)
+    if fmt == "unknown":
+        raise RowError(
+            "unknown_format",
+            "(row)",
+            "no known format keys (messages, conversations, instruction/output, "
+            "prompt/completion, text, prompt/chosen/rejected); set data.format explicitly",
+        )
+
+    def fix(text: str, types: list[str], c: Counter) -> str:
+        text = clean.normalize(text) if normalize else text
+        return clean.scrub(text, types, c) if types else text
+
+    ex = formats.to_example(formats.parse_line(raw), fmt)
+    # Validate again after cleaning: whitespace-only content is empty content.
+    if ex.messages is not None:
+        ex.messages = _clean_messages(ex.messages, fix, pii_types, counts)
+        for i, m in enumerate(ex.messages):
+            if not m["content"]:
+                raise RowError("empty_content", f"messages[{i}].content", "content is empty")
+    if ex.text is not None:
+        ex.text = fix(ex.text, pii_types, counts)
+        if not ex.text:
+            raise RowError("empty_content", "text", "'text' is empty")
+    if ex.prompt is not None:
+        ex.prompt = _clean_messages(ex.prompt, fix, pii_types, counts)
+        ex.chosen = fix(ex.chosen or "", pii_types, counts)
+        ex.rejected = fix(ex.rejected or "", pii_types, counts)
+        for name in ("chosen", "rejected"):
+            if not getattr(ex, name):
+                raise RowError("empty_content", name, f"'{name}' is empty")
+    return ex
+
+
+def content_parts(ex: formats.Example) -> list[str]:
+    if ex.messages is not None:
+        return [f"{m['role']} {m['content']}" for m in ex.messages]
+    if ex.text is not None:
+        return [ex.text]
+    prompt = [f"{m['role']} {m['content']}" for m in ex.prompt or []]
+    return [*prompt, f"chosen {ex.chosen}", f"rejected {ex.rejected}"]
+
+
+def validate_clean(
+    batch: pa.Table,
+    normalize: bool,
+    pii_types: list[str],
+    num_perm: int,
+    shingle_size: int,
+    near: bool,
+) -> pa.Table:
+    """Raw rows -> cleaned rows with content id and MinHash, or rejected rows with a reason."""
+    cols: dict[str, list[Any]] = {name: [] for name in CLEAN_SCHEMA.names}
+    for row in batch.to_pylist():
+        counts: Counter = Counter()
+        out = dict.fromkeys(CLEAN_SCHEMA.names)
+        out.update({k: row[k] for k in ("file", "line", "order", "split_hint", "format")})
+        try:
+            ex = clean_row(row["raw"], row["format"], normalize, pii_types, counts)
+        except RowError as e:
+            out.update(error_kind=e.kind, error_field=e.field, reason=e.reason, raw=row["raw"])
+        else:
+            key = dedupe.content_key(content_parts(ex))
+            out.update(
+                id=dedupe.content_id(key),
+                kind=ex.kind,
+                messages=json.dumps(ex.messages, ensure_ascii=False) if ex.messages else "",
+                text=ex.text or "",
+                prompt=json.dumps(ex.prompt, ensure_ascii=False) if ex.prompt else None,
+                chosen=ex.chosen,
+                rejected=ex.rejected,
+                minhash=dedupe.signature(key, num_perm, shingle_size) if near else None,
+            )
+            for t in PII_TYPES:
+                out[f"pii_{t}"] = counts[t]
+        for k, v in out.items():
+            cols[k].append(v)
+    return pa.table(cols, schema=CLEAN_SCHEMA)
+
+
+# --------------------------------------------------------------------------- keep + split
+
+
+def keep_and_split(
+    batch: pa.Table, drop: frozenset[str], validation: float, test: float, seed: int
+) -> pa.Table:
+    """Valid, non-duplicate rows with their `source` and `split`."""
+    rows = []
+    for r in batch.to_pylist():
+        source = f"{r['file']}:{r['line']}"
+        if r["error_kind"] is not None or source in drop:
+            continue
+        r["source"] = source
+        r["split"] = r["split_hint"] or split.assign(r["id"], validation, test, seed)
+        rows.append(r)
+    keep = ["id", "source", "kind", "messages", "text", "prompt", "chosen", "rejected", "split"]
+    schema = pa.schema(
+        [CLEAN_SCHEMA.field(c) if c in CLEAN_SCHEMA.names else (c, pa.string()) for c in keep]
+    )
+    return pa.Table.from_pylist([{k: r[k] for k in keep} for r in rows], schema=schema)
+
+
+# --------------------------------------------------------------------------- tokenize
+
+
+class Tokenize:
+    """Ray Data callable class: one tokenizer per actor, loaded once."""
+
+    def __init__(
+        self, model_path: str, kind: str, assistant_only: bool, max_len: int, overlength: str
+    ):
+        from transformers import AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(model_path)
+        self.kind, self.assistant_only = kind, assistant_only
+        self.max_len, self.overlength = max_len, overlength
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        if not rows:  # every row of the block was a reject or a duplicate
+            schema = SFT_SCHEMA if self.kind == "sft" else PREFERENCE_SCHEMA
+            return _with_bookkeeping(schema).empty_table()
+        return self._preference(rows) if self.kind == "preference" else self._sft(rows)
+
+    def _sft(self, rows: list[dict[str, Any]]) -> pa.Table:
+        sft_rows = [
+            {"messages": json.loads(r["messages"]) if r["messages"] else None, "text": r["text"]}
+            for r in rows
+        ]
+        encoded = tokens.tokenize_sft(self.tok, sft_rows, self.assistant_only)
+        out = []
+        for r, (text, ids, labels) in zip(rows, encoded, strict=True):
+            status = ""
+            if len(ids) > self.max_len:
+                if self.overlength == "truncate":
+                    ids, labels, status = ids[: self.max_len], labels[: self.max_len], "truncated"
+                    # an example cut before its first answer token teaches nothing: drop it
+                    if all(x == tokens.IGNORE for x in labels):
+                        status = "dropped"
+                else:
+                    status = "dropped"
+            if status == "dropped":
+                ids, labels = [], []
+            out.append(
+                {
+                    **{k: r[k] for k in ("id", "source", "kind", "messages", "split")},
+                    "text": text,
+                    "input_ids": ids,
+                    "labels": labels,
+                    "num_tokens": len(ids),
+                    "overlength": status,
+                }
+            )
+        return pa.Table.from_pylist(out, schema=_with_bookkeeping(SFT_SCHEMA))
+
+    def _preference(self, rows: list[dict[str, Any]]) -> pa.Table:
+        out = []
+        for r in rows:
+            n = tokens.preference_tokens(
+                self.tok, json.loads(r["prompt"]), r["chosen"], r["rejected"]
+            )
+            status = ""
+            if n > self.max_len:
+                # Text columns cannot be cut here; TRL truncates to max_length at train time.
+                status = "truncated" if self.overlength == "truncate" else "dropped"
+            out.append(
+                {
+                    **{k: r[k] for k in ("id", "source", "kind", "prompt", "chosen", "rejected")},
+                    "split": r["split"],
+                    "num_tokens": n,
+                    "overlength": status,
+                }
+            )
+        return pa.Table.from_pylist(out, schema=_with_bookkeeping(PREFERENCE_SCHEMA))
+
+
+def _with_bookkeeping(schema: pa.Schema) -> pa.Schema:
+    for name, typ in BOOKKEEPING:
+        schema = schema.append(pa.field(name, typ))
+    return schema
+
+
+# --------------------------------------------------------------------------- write + pack
+
+
+def split_rows(batch: pa.Table, name: str | None, columns: list[str]) -> pa.Table:
+    """Rows of split `name` (None: all splits) that were not dropped, in `columns`."""
+    import pyarrow.compute as pc
+
+    mask = pc.not_equal(batch["overlength"], "dropped")
+    if name is not None:
+        mask = pc.and_(mask, pc.equal(batch["split"], name))
+    return batch.filter(mask).select(columns)
+
+
+def pack_batch(batch: pa.Table, max_len: int) -> pa.Table:
+    packs = pack.pack(batch["input_ids"].to_pylist(), batch["labels"].to_pylist(), max_len)
+    # Best-fit decreasing emits long examples first: shuffle so training sees no length curriculum.
+    random.Random(len(packs)).shuffle(packs)
+    return pa.Table.from_pylist(packs, schema=PACKED_SCHEMA)

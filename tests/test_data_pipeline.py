@@ -1,0 +1,292 @@
+"""`rayft prepare` end to end on a real local Ray: outputs, accounting, fail mode, s3:// input."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from rayft.cli import main as cli_main
+from rayft.config import JobConfig
+from rayft.data import DataValidationError, prepare
+from rayft.manifest import read_manifest
+
+DEMO = Path(__file__).parent.parent / "examples" / "data" / "support.jsonl"
+LONG = (
+    "My blender from order A123456 arrived with a cracked jug and the lid does not close, "
+    "I have tried to use it twice and it leaks all over the counter every single time so "
+    "I would like a replacement sent to my home address as soon as possible please"
+)
+
+
+def _chat(user: str, answer: str) -> dict:
+    return {
+        "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    }
+
+
+def _write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def _read(path: Path) -> pd.DataFrame:
+    return pd.read_parquet(path)
+
+
+def _config(tmp_path: Path, tiny_model: str, files: list[str], **data) -> JobConfig:
+    return JobConfig.model_validate(
+        {
+            "run_dir": str(tmp_path / "run"),
+            "model": {"base": tiny_model},
+            "data": {"train_files": files, "max_seq_len": 256, "on_error": "skip", **data},
+        }
+    )
+
+
+@pytest.mark.slow
+def test_prepare_multi_file_skip_mode(tmp_path, tiny_model, ray_local):
+    demo = DEMO.read_text().splitlines()[:60]
+    a = _write_jsonl(
+        tmp_path / "a.jsonl",
+        [
+            *demo[:30],
+            _chat("Reach me at jane.doe@example.com or +1 415 555 0132.", "We will call you."),
+            "{broken json",
+            _chat(LONG, "We will send a replacement."),
+            {"messages": [{"role": "user", "content": "No answer here"}]},
+        ],
+    )
+    b = _write_jsonl(
+        tmp_path / "b.jsonl",
+        [
+            *demo[30:],
+            demo[3],  # exact duplicate of a row in a.jsonl
+            _chat(LONG.replace("please", "thanks"), "We will send a replacement."),  # near dup
+            _chat("Tell me a long story. " * 5, "Once upon a time " * 80),  # over 256 tokens
+        ],
+    )
+    pq.write_table(
+        pa.Table.from_pylist(
+            [
+                {
+                    "conversations": [
+                        {"from": "human", "value": f"Is item {i} in stock?"},
+                        {"from": "gpt", "value": f"Item {i} ships in {i + 2} days."},
+                    ]
+                }
+                for i in range(10)
+            ]
+        ),
+        tmp_path / "c.parquet",
+    )
+    cfg = _config(tmp_path, tiny_model, [str(tmp_path / "*.jsonl"), str(tmp_path / "c.parquet")])
+    art = prepare(cfg)
+    data = Path(cfg.run_dir) / "data"
+    rep = json.loads((data / "data_report.json").read_text())
+    assert rep == art.report
+    assert rep["rows_in"] == 34 + 33 + 10
+    assert rep["rejected"] == {"bad_json": 1, "no_assistant": 1}
+    assert rep["duplicates_removed"] == {"exact": 1, "near": 1}
+    assert rep["overlength"] == {"dropped": 1, "truncated": 0}
+    assert rep["pii_redactions"]["email"] == 1 and rep["pii_redactions"]["phone"] == 1
+    assert rep["formats"] == {
+        str(a): "chat",
+        str(b): "chat",
+        str(tmp_path / "c.parquet"): "sharegpt",
+    }
+    assert rep["kind"] == "sft"
+    assert sum(rep["rows_out"].values()) == 77 - 2 - 2 - 1
+
+    splits = {s: _read(data / f"{s}.parquet") for s in ("train", "validation", "test")}
+    for s, df in splits.items():
+        assert list(df.columns) == [
+            "id",
+            "source",
+            "kind",
+            "messages",
+            "text",
+            "input_ids",
+            "labels",
+            "num_tokens",
+        ]
+        assert len(df) == rep["rows_out"][s] and df["num_tokens"].sum() == rep["tokens"][s]
+        assert (df["num_tokens"] <= 256).all()
+        assert all(
+            len(i) == len(lab) == n
+            for i, lab, n in zip(df.input_ids, df.labels, df.num_tokens, strict=True)
+        )
+    assert len(splits["train"]) > len(splits["validation"]) > 0 and len(splits["test"]) > 0
+    ids = [set(df["id"]) for df in splits.values()]
+    assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])  # nothing crosses splits
+    everything = pd.concat(splits.values())
+    assert everything["id"].is_unique and everything["source"].is_unique
+    # the kept copies are the first occurrences; PII is replaced by placeholders in the outputs
+    sources = set(everything["source"])
+    assert f"{a}:4" in sources and f"{b}:31" not in sources and f"{a}:33" in sources
+    pii_row = everything[everything["source"] == f"{a}:31"].iloc[0]
+    assert "<EMAIL>" in pii_row["messages"] and "<PHONE>" in pii_row["messages"]
+    assert "jane.doe" not in everything["text"].str.cat()
+    assert json.loads(pii_row["messages"])[1] == {
+        "role": "assistant",
+        "content": "We will call you.",
+    }
+
+    rejects = [json.loads(x) for x in (data / "rejects.jsonl").read_text().splitlines()]
+    assert [(r["file"], r["line"], r["kind"]) for r in rejects] == [
+        (str(a), 32, "bad_json"),
+        (str(a), 34, "no_assistant"),
+    ]
+    assert rejects[1]["field"] == "messages" and rejects[0]["row"] == "{broken json"
+
+    packed = {s: _read(data / "packed" / f"{s}.parquet") for s in ("train", "validation")}
+    for s, df in packed.items():
+        assert sum(len(x) for x in df.input_ids) == rep["tokens"][s]
+        for ids_, pos, lens in zip(df.input_ids, df.position_ids, df.seq_lengths, strict=True):
+            assert len(ids_) <= 256 and sum(lens) == len(ids_)
+            assert list(pos) == [p for n in lens for p in range(n)]
+    real = rep["tokens"]["train"] + rep["tokens"]["validation"]
+    assert rep["packing_efficiency"] == pytest.approx(
+        real / ((len(packed["train"]) + len(packed["validation"])) * 256), abs=1e-4
+    )
+    stage = read_manifest(cfg.run_dir)["stages"]["prepare"]
+    assert stage["data_hash"] and stage["report"]["rows_in"] == 77
+
+
+def test_fail_mode_writes_no_split(tmp_path, tiny_model, ray_local, capsys):
+    rows = DEMO.read_text().splitlines()[:8]
+    rows[2] = '{"messages": [{"role": "user", "content": "x"}, {"role": "bot", "content": "y"}]}'
+    rows[5] = "not json at all"
+    src = _write_jsonl(tmp_path / "bad.jsonl", rows)
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        yaml.safe_dump(
+            {
+                "run_dir": str(tmp_path / "run"),
+                "model": {"base": tiny_model},
+                "data": {"train_files": [str(src)]},
+            }
+        )
+    )
+    assert cli_main(["prepare", str(job)]) == 2
+    err = capsys.readouterr().err
+    assert f"{src}:3 messages[1].role" in err and f"{src}:6 (row)" in err
+    assert "unknown_role=1" in err and "bad_json=1" in err
+    data = tmp_path / "run" / "data"
+    assert not any((data / f"{s}.parquet").exists() for s in ("train", "validation", "test"))
+    assert not (data / "packed").exists() and not (data / "data_report.json").exists()
+    assert len((data / "rejects.jsonl").read_text().splitlines()) == 2
+
+
+def test_demo_bad_rows_fail_with_every_line_named(tmp_path, tiny_model, ray_local):
+    bad = DEMO.parent / "support_bad.jsonl"
+    cfg = _config(tmp_path, tiny_model, [str(bad)], on_error="fail")
+    with pytest.raises(DataValidationError, match="7 bad rows") as e:
+        prepare(cfg)
+    assert f"{bad}:3 (row): not valid JSON" in str(e.value)
+    rejects = [
+        json.loads(x)
+        for x in (Path(cfg.run_dir) / "data/rejects.jsonl").read_text().split("\n")
+        if x
+    ]
+    assert [(r["line"], r["kind"]) for r in rejects] == [
+        (3, "bad_json"),
+        (6, "not_object"),
+        (9, "missing_key"),
+        (12, "no_assistant"),
+        (15, "unknown_role"),
+        (18, "empty_content"),
+        (21, "wrong_type"),
+    ]
+    assert not (Path(cfg.run_dir) / "data/train.parquet").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def s3_bucket(monkeypatch):
+    """A moto S3 server on localhost; s3fs talks to it through fsspec's config."""
+    import boto3
+    import fsspec.config
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    opts = {
+        "key": "testing",
+        "secret": "testing",
+        "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}", "region_name": "us-east-1"},
+    }
+    monkeypatch.setitem(fsspec.config.conf, "s3", opts)
+    s3fs.S3FileSystem.clear_instance_cache()
+    boto3.client(
+        "s3", aws_access_key_id="testing", aws_secret_access_key="testing", **opts["client_kwargs"]
+    ).create_bucket(Bucket="rayft-test")
+    yield s3fs.S3FileSystem(**opts)
+    s3fs.S3FileSystem.clear_instance_cache()
+    server.stop()
+
+
+@pytest.mark.slow
+def test_prepare_reads_s3_uris_preference_rows(tmp_path, tiny_model, ray_local, s3_bucket):
+    def pref(i: int) -> dict:
+        return {
+            "input": {
+                "messages": [
+                    {"role": "user", "content": f"Which plan fits team {i} of {i + 3} people?"}
+                ]
+            },
+            "preferred_output": [
+                {"role": "assistant", "content": f"The Team plan covers {i + 3} seats."}
+            ],
+            "non_preferred_output": [{"role": "assistant", "content": "No idea."}],
+        }
+
+    for name, rows in (("train/a", range(12)), ("train/b", range(12, 24)), ("held", range(24, 30))):
+        s3_bucket.pipe(
+            f"rayft-test/{name}.jsonl", "".join(json.dumps(pref(i)) + "\n" for i in rows).encode()
+        )
+    cfg = _config(
+        tmp_path,
+        tiny_model,
+        ["s3://rayft-test/train/*.jsonl"],
+        test_files=["s3://rayft-test/held.jsonl"],
+    )
+    art = prepare(cfg)
+    rep = art.report
+    assert rep["kind"] == "preference"
+    assert rep["formats"] == {
+        f"s3://rayft-test/{n}.jsonl": "preference" for n in ("train/a", "train/b", "held")
+    }
+    assert (
+        rep["rows_out"]["test"] == 6
+        and rep["rows_out"]["train"] + rep["rows_out"]["validation"] == 24
+    )
+    test = _read(art.splits["test"])
+    assert set(test["source"]) == {f"s3://rayft-test/held.jsonl:{i}" for i in range(1, 7)}
+    train = _read(art.splits["train"])
+    assert list(train.columns) == [
+        "id",
+        "source",
+        "kind",
+        "prompt",
+        "chosen",
+        "rejected",
+        "num_tokens",
+    ]
+    row = train.iloc[0]
+    assert json.loads(row["prompt"])[0]["role"] == "user" and row["rejected"] == "No idea."
+    assert all(s.startswith("s3://rayft-test/") for s in train["source"])
+    assert not (art.data_dir / "packed").exists()

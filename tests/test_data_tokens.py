@@ -1,0 +1,123 @@
+"""Label masking from prefix renderings of the chat template, and packing boundaries."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import AutoTokenizer
+
+from rayft import models
+from rayft.data import pack, tokens
+from rayft.data.tokens import IGNORE
+
+CONVO = [
+    {"role": "system", "content": "You are Acme's support triage assistant."},
+    {"role": "user", "content": "My order A123456 is late."},
+    {"role": "assistant", "content": '{"category": "shipping"}'},
+    {"role": "user", "content": "And the refund?"},
+    {"role": "assistant", "content": "On its way."},
+]
+
+
+@pytest.fixture(scope="module", params=["tiny-llama", "smollm2-135m-instruct"])
+def tok(request):
+    return AutoTokenizer.from_pretrained(models.resolve(request.param))
+
+
+def _trained_text(tok, ids, labels) -> str:
+    return tok.decode([i for i, lab in zip(ids, labels, strict=True) if lab != IGNORE])
+
+
+def test_only_assistant_turns_are_learned(tok):
+    ((text, ids, labels),) = tokens.tokenize_sft(tok, [{"messages": CONVO, "text": ""}], True)
+    assert text == tok.apply_chat_template(CONVO, tokenize=False)
+    assert ids == tok(text, add_special_tokens=False)["input_ids"]
+    trained = _trained_text(tok, ids, labels)
+    # both answers and their end-of-turn token are learned; nothing of the prompt is
+    assert '{"category": "shipping"}' in trained and "On its way." in trained
+    assert trained.count("<|im_end|>") == 2
+    for prompt_piece in ("support triage", "A123456", "refund", "user", "system"):
+        assert prompt_piece not in trained
+    assert labels[0] == IGNORE
+    assert all(lab in (IGNORE, i) for i, lab in zip(ids, labels, strict=True))
+
+
+def test_unmasked_and_plain_text(tok):
+    ((_, ids, labels),) = tokens.tokenize_sft(tok, [{"messages": CONVO, "text": ""}], False)
+    assert labels == ids
+    ((text, ids, labels),) = tokens.tokenize_sft(
+        tok, [{"messages": None, "text": "Hello sea."}], True
+    )
+    assert text == "Hello sea." + tok.eos_token and labels == ids and ids[-1] == tok.eos_token_id
+
+
+def test_non_prefix_stable_template_is_refused(tok):
+    tok = AutoTokenizer.from_pretrained(tok.name_or_path)
+    # a template that numbers turns from the end changes earlier text when a turn is added
+    tok.chat_template = (
+        "{% for m in messages %}{{ (messages|length - loop.index)|string + m['content'] }}"
+        "{% endfor %}{% if add_generation_prompt %}>{% endif %}"
+    )
+    with pytest.raises(tokens.TemplateError, match="prefix-stable"):
+        tokens.tokenize_sft(tok, [{"messages": CONVO, "text": ""}], True)
+
+
+def test_packing_keeps_examples_whole_and_positions_restart():
+    lengths = [7, 3, 5, 2, 9, 4, 1, 6]
+    ids = [[100 * k + j for j in range(n)] for k, n in enumerate(lengths)]
+    labels = [[IGNORE] + x[1:] for x in ids]
+    packs = pack.pack(ids, labels, max_len=10)
+    seen = []
+    for p in packs:
+        assert len(p["input_ids"]) == len(p["labels"]) == len(p["position_ids"]) <= 10
+        assert sum(p["seq_lengths"]) == len(p["input_ids"])
+        start = 0
+        for n in p["seq_lengths"]:
+            chunk = p["input_ids"][start : start + n]
+            assert p["position_ids"][start : start + n] == list(range(n))
+            k = chunk[0] // 100
+            assert chunk == ids[k] and p["labels"][start : start + n] == labels[k]
+            seen.append(k)
+            start += n
+    assert sorted(seen) == list(range(len(lengths)))
+    assert len(packs) == 4  # 37 tokens need at least 4 bins of 10, and 4 it is
+    assert pack.efficiency(37, len(packs), 10) == pytest.approx(0.925)
+
+
+def test_packing_rejects_examples_longer_than_the_bin():
+    with pytest.raises(ValueError, match="does not fit"):
+        pack.plan([11], max_len=10)
+
+
+def _tokenize_rows(model: str, overlength: str, max_len: int, answers: list[str]) -> list[dict]:
+    import json
+
+    import pyarrow as pa
+
+    from rayft.data.stages import Tokenize
+
+    rows = [
+        {
+            "id": str(i),
+            "source": f"f:{i}",
+            "kind": "sft",
+            "messages": json.dumps(
+                [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
+            ),
+            "text": "",
+            "split": "train",
+        }
+        for i, (u, a) in enumerate(answers)
+    ]
+    return Tokenize(model, "sft", True, max_len, overlength)(pa.Table.from_pylist(rows)).to_pylist()
+
+
+def test_overlength_drop_and_truncate(tiny_model):
+    convos = [("Hi", "Short."), ("Hi", "A long answer " * 40), ("Tell me " * 60, "Late answer.")]
+    dropped = _tokenize_rows(tiny_model, "drop", 64, convos)
+    assert [r["overlength"] for r in dropped] == ["", "dropped", "dropped"]
+    assert dropped[0]["num_tokens"] == len(dropped[0]["input_ids"]) <= 64
+    cut = _tokenize_rows(tiny_model, "truncate", 64, convos)
+    # the long answer is cut to 64 tokens; the long prompt leaves no answer token: dropped
+    assert [r["overlength"] for r in cut] == ["", "truncated", "dropped"]
+    assert cut[1]["num_tokens"] == len(cut[1]["input_ids"]) == len(cut[1]["labels"]) == 64
+    assert any(x != IGNORE for x in cut[1]["labels"])
