@@ -1,0 +1,92 @@
+"""Combinations known to fail, refused before any worker starts (a failed 2-worker start costs
+minutes on a cluster and its error rarely names the cause)."""
+
+from __future__ import annotations
+
+from rayft.config import JobConfig
+from rayft.errors import RayftError
+
+
+class TrainConfigError(RayftError):
+    """A training setup that cannot work; the message lists every problem and its fix."""
+
+
+def objective_for(cfg: JobConfig, data_kind: str) -> str:
+    """`sft` or `dpo`: the configured objective, or the one the prepared data implies."""
+    if cfg.training.objective != "auto":
+        return cfg.training.objective
+    return "dpo" if data_kind == "preference" else "sft"
+
+
+def problems(cfg: JobConfig, data_kind: str) -> list[str]:
+    """Every known-bad combination in `cfg` for data of `data_kind` (sft | preference)."""
+    t, ds, q = cfg.training, cfg.training.deepspeed, cfg.training.quantization
+    out = []
+    objective = objective_for(cfg, data_kind)
+    if objective == "dpo" and data_kind != "preference":
+        out.append(
+            "training.objective=dpo but the prepared data is SFT (no chosen/rejected pairs): "
+            "prepare preference data (data.format: preference) or use objective sft"
+        )
+    if objective == "dpo" and data_kind == "preference":
+        out.append(
+            "DPO (preference data) is not available in this version of `rayft train`: its TRL "
+            "DPOTrainer stalls on the per-worker Ray Data stream; train SFT on chat data instead"
+        )
+    if objective == "sft" and data_kind == "preference":
+        out.append(
+            "training.objective=sft but the prepared data holds preference pairs: use objective "
+            "dpo (or auto)"
+        )
+    if not cfg.cluster.use_gpu and t.precision == "fp16":
+        out.append(
+            "training.precision=fp16 needs a GPU (no fp16 autocast/grad scaling on CPU): use "
+            "fp32 or auto on CPU, or set cluster.use_gpu: true"
+        )
+    if ds.raw_config is None:
+        if ds.offload_params and ds.zero_stage != 3:
+            out.append(
+                f"training.deepspeed.offload_params needs zero_stage 3 (got {ds.zero_stage}): only "
+                "ZeRO-3 partitions parameters, so there is nothing to offload otherwise"
+            )
+        if ds.offload_optimizer and ds.zero_stage == 0:
+            out.append(
+                "training.deepspeed.offload_optimizer needs zero_stage >= 1: without ZeRO the "
+                "optimizer state is not managed by DeepSpeed"
+            )
+    zero3 = ds.zero_stage == 3 or _raw_stage(ds.raw_config) == 3
+    if t.method == "qlora":
+        if zero3 and q.quant_storage == "uint8":
+            out.append(
+                "training.method=qlora with ZeRO-3 and quantization.quant_storage=uint8: ZeRO-3 "
+                "flattens and shards parameters by dtype and breaks packed uint8 4-bit weights; "
+                "use quant_storage: bfloat16 (or auto)"
+            )
+        if ds.offload_params:
+            out.append(
+                "training.method=qlora with deepspeed.offload_params: 4-bit bitsandbytes weights "
+                "cannot be offloaded by ZeRO-3; offload the optimizer only"
+            )
+        if q.compute_dtype == "float16" and not cfg.cluster.use_gpu:
+            out.append(
+                "training.quantization.compute_dtype=float16 on CPU: use float32 or auto on CPU"
+            )
+    if t.eval_steps and t.save_steps and t.save_steps % t.eval_steps:
+        out.append(
+            f"training.save_steps ({t.save_steps}) must be a multiple of training.eval_steps "
+            f"({t.eval_steps}): checkpoints are ranked by the eval loss measured when they are saved"
+        )
+    return out
+
+
+def refuse_bad_combinations(cfg: JobConfig, data_kind: str) -> None:
+    found = problems(cfg, data_kind)
+    if found:
+        lines = "\n".join(f"  - {p}" for p in found)
+        raise TrainConfigError(f"refusing to start training ({cfg.name}):\n{lines}")
+
+
+def _raw_stage(raw: object) -> int | None:
+    if isinstance(raw, dict):
+        return raw.get("zero_optimization", {}).get("stage")
+    return None

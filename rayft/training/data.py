@@ -1,0 +1,138 @@
+"""Training data: Ray Datasets over `<run_dir>/data/` on the driver, per-worker row streams and
+the padding-free collator inside the workers.
+
+Sample order is reproducible (a resumed run replays it exactly): the driver asks Ray Data to
+preserve order, so `streaming_split` hands each worker the same blocks in the same order every
+time, and each epoch is shuffled locally with a seed derived from the epoch number.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rayft.errors import RayftError
+
+SFT_COLUMNS = ["input_ids", "labels", "position_ids"]
+PREFERENCE_COLUMNS = ["prompt", "chosen", "rejected"]
+
+
+class TrainDataError(RayftError):
+    """Prepared data missing or not in the contract format."""
+
+
+def data_kind(data_dir: Path) -> str:
+    """`sft` or `preference`, from data_report.json (or the first train row)."""
+    if not (data_dir / "train.parquet").exists():
+        raise TrainDataError(
+            f"{data_dir}/train.parquet: no prepared data; run `rayft prepare CONFIG` first "
+            "(train reads what prepare wrote into <run_dir>/data/)"
+        )
+    report = data_dir / "data_report.json"
+    if report.exists():
+        kind = json.loads(report.read_text()).get("kind")
+        if kind in ("sft", "preference"):
+            return kind
+    import pyarrow.dataset as pads
+
+    head = pads.dataset(split_path(data_dir, "train", packed=False), format="parquet").head(1)
+    return head.column("kind")[0].as_py() if head.num_rows else "sft"
+
+
+def split_path(data_dir: Path, split: str, packed: bool) -> Path:
+    path = data_dir / "packed" / f"{split}.parquet" if packed else data_dir / f"{split}.parquet"
+    return path
+
+
+def read_splits(data_dir: Path, kind: str) -> dict[str, Any]:
+    """Ray Datasets `train` (and `validation` when present), packed when prepare packed them."""
+    import ray.data
+
+    packed = kind == "sft" and (data_dir / "packed" / "train.parquet").exists()
+    columns = SFT_COLUMNS if kind == "sft" else PREFERENCE_COLUMNS
+    out = {}
+    for split in ("train", "validation"):
+        path = split_path(data_dir, split, packed)
+        if not path.exists() or not any(path.glob("*.parquet")):
+            continue
+        read_cols = columns if packed or kind != "sft" else ["input_ids", "labels"]
+        out[split] = ray.data.read_parquet(str(path), columns=read_cols)
+    return out
+
+
+def features(kind: str):
+    """`datasets.Features` of the rows the workers stream (so nothing peeks at the stream)."""
+    from datasets import Features, List, Value
+
+    if kind == "sft":
+        return Features({c: List(Value("int32")) for c in SFT_COLUMNS})
+    message = {"role": Value("string"), "content": Value("string")}
+    return Features({c: List(message) for c in PREFERENCE_COLUMNS})
+
+
+def _rows(batch: dict[str, Any], kind: str) -> Iterator[dict[str, Any]]:
+    n = len(next(iter(batch.values())))
+    for i in range(n):
+        if kind == "sft":
+            ids = [int(x) for x in batch["input_ids"][i]]
+            pos = batch.get("position_ids")
+            yield {
+                "input_ids": ids,
+                "labels": [int(x) for x in batch["labels"][i]],
+                "position_ids": [int(x) for x in pos[i]]
+                if pos is not None
+                else list(range(len(ids))),
+            }
+        else:
+            yield {
+                "prompt": json.loads(batch["prompt"][i]),
+                "chosen": [{"role": "assistant", "content": str(batch["chosen"][i])}],
+                "rejected": [{"role": "assistant", "content": str(batch["rejected"][i])}],
+            }
+
+
+def endless_rows(shard, kind: str, seed: int, shuffle_buffer: int = 64) -> Iterator[dict[str, Any]]:
+    """This worker's shard, epoch after epoch; epoch e is shuffled locally with seed + e.
+
+    One endless stream lets the HF Trainer count steps across epochs, so resuming skips exactly
+    `global_step x accumulation` batches of the same stream an uninterrupted run saw.
+    """
+    epoch = 0
+    while True:
+        empty = True
+        for batch in shard.iter_batches(
+            batch_size=32,
+            batch_format="numpy",
+            local_shuffle_buffer_size=shuffle_buffer,
+            local_shuffle_seed=seed + epoch,
+        ):
+            empty = False
+            yield from _rows(batch, kind)
+        if empty:
+            raise TrainDataError("this worker's training shard is empty: fewer rows than workers")
+        epoch += 1
+
+
+def one_pass(shard, kind: str) -> Iterator[dict[str, Any]]:
+    """One ordered pass over this worker's shard (evaluation)."""
+    for batch in shard.iter_batches(batch_size=32, batch_format="numpy"):
+        yield from _rows(batch, kind)
+
+
+def collate_padding_free(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Concatenate a micro-batch into one row with restarting position ids and no attention mask.
+
+    transformers builds a block-diagonal causal mask from position ids that restart
+    (masking_utils.find_packed_sequence_indices) only when attention_mask is None, so packed
+    examples never attend to each other. The first token of every example gets label -100:
+    otherwise the previous example's last token would be trained to predict it.
+    """
+    ids = torch.tensor([t for e in examples for t in e["input_ids"]], dtype=torch.long)
+    labels = torch.tensor([t for e in examples for t in e["labels"]], dtype=torch.long)
+    pos = torch.tensor([t for e in examples for t in e["position_ids"]], dtype=torch.long)
+    labels = labels.masked_fill(pos == 0, -100)
+    return {"input_ids": ids[None], "labels": labels[None], "position_ids": pos[None]}

@@ -1,0 +1,253 @@
+"""`rayft train`: the stage entry function. Checks the setup, sizes a Ray Train TorchTrainer from
+the config, streams the prepared data to its workers, and turns the last checkpoint into the
+run dir's adapter/ (or model/), train_summary.json, model card and run.json."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rayft import manifest, models
+from rayft.cluster.connect import local_cpus, ray_session
+from rayft.config import JobConfig
+from rayft.errors import RayftError
+from rayft.training.artifacts import export_model, read_metrics, summarize, write_card
+from rayft.training.checks import TrainConfigError, objective_for, refuse_bad_combinations
+from rayft.training.data import data_kind, read_splits
+from rayft.training.dsconfig import deepspeed_config
+from rayft.training.report import MetricsFile
+from rayft.training.worker import train_loop_per_worker
+
+
+class TrainingFailedError(RayftError):
+    """The Ray Train run failed (after its allowed worker failures)."""
+
+
+@dataclass
+class TrainArtifacts:
+    run_dir: Path
+    output_dir: Path  # <run_dir>/adapter or <run_dir>/model
+    checkpoint: str  # the Ray Train checkpoint the output came from
+    metrics_path: Path
+    summary: dict[str, Any]
+
+
+def train(cfg: JobConfig, resume: bool = False) -> TrainArtifacts:
+    """Fine-tune `cfg.model.base` on `<run_dir>/data/`; `resume` continues the latest checkpoint."""
+    run_dir = Path(cfg.run_dir).resolve()
+    data_dir = run_dir / "data"
+    kind = data_kind(data_dir)
+    refuse_bad_combinations(cfg, kind)
+    objective = objective_for(cfg, kind)
+    t = cfg.training
+    ds_config = deepspeed_config(
+        t.deepspeed.zero_stage,
+        t.deepspeed.offload_optimizer,
+        t.deepspeed.offload_params,
+        t.deepspeed.raw_config,
+    )
+    base_path = models.resolve(cfg.model.base, cfg.model.revision)
+    storage = cfg.cluster.storage_path or str(run_dir / "checkpoints")
+    _check_resume(storage, cfg.name, resume)
+
+    metrics_path = run_dir / "metrics.jsonl"
+    lines_before = len(read_metrics(metrics_path))
+    with ray_session(
+        cfg.cluster.address,
+        num_cpus=local_cpus(cfg.cluster.num_workers, cfg.cluster.cpus_per_worker),
+    ):
+        splits = read_splits(data_dir, kind)
+        trainer = _torch_trainer(cfg, splits, storage, run_dir, _worker_config(
+            cfg, base_path, objective, kind, ds_config, "validation" in splits
+        ))  # fmt: skip
+        print(
+            f"[rayft train] {cfg.name}: {t.method} {objective} on {cfg.model.base}, "
+            f"{cfg.cluster.num_workers} workers, ZeRO {t.deepspeed.zero_stage}, "
+            f"{t.max_steps} steps{' (resuming)' if resume else ''}",
+            flush=True,
+        )
+        start = time.perf_counter()
+        result = _fit(trainer, cfg)
+        wall = time.perf_counter() - start
+
+    peft = t.method != "full"
+    out_dir = run_dir / ("adapter" if peft else "model")
+    with result.checkpoint.as_directory() as ckpt:
+        export_model(Path(ckpt), out_dir, base_path, peft)
+    summary = summarize(
+        read_metrics(metrics_path, skip_lines=lines_before),
+        wall,
+        method=t.method,
+        objective=objective,
+        num_workers=cfg.cluster.num_workers,
+        zero_stage=t.deepspeed.zero_stage,
+        checkpoint=result.checkpoint.path,
+        workers=_workers(run_dir),
+    )
+    data_hash = _data_hash(run_dir, data_dir)
+    write_card(out_dir, cfg, base_path, data_hash, summary)
+    (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    manifest.record_stage(
+        run_dir, "train", cfg, data_hash=data_hash, base_path=base_path, output=str(out_dir),
+        metrics=summary,
+    )  # fmt: skip
+    print(
+        f"[rayft train] done: {summary['steps']} steps, {summary['tokens']} tokens in "
+        f"{wall:.0f}s, loss {summary['final_loss']}, eval loss {summary['final_eval_loss']} "
+        f"-> {out_dir}",
+        flush=True,
+    )
+    return TrainArtifacts(run_dir, out_dir, result.checkpoint.path, metrics_path, summary)
+
+
+def _worker_config(
+    cfg: JobConfig, base_path: str, objective: str, kind: str, ds_config: dict | None, has_val: bool
+) -> dict[str, Any]:
+    """Plain values for the workers (the config object itself stays on the driver)."""
+    t, c = cfg.training, cfg.cluster
+    save_steps = t.save_steps or t.max_steps
+    precision = t.precision
+    bf16 = precision == "bf16" or (precision == "auto" and c.use_gpu)
+    hf: dict[str, Any] = {
+        "max_steps": t.max_steps,
+        "learning_rate": t.learning_rate,
+        "lr_scheduler_type": t.lr_scheduler,
+        "warmup_steps": math.ceil(t.warmup_ratio * t.max_steps),
+        "weight_decay": t.weight_decay,
+        "per_device_train_batch_size": t.per_device_batch_size,
+        "per_device_eval_batch_size": t.per_device_batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "activation_checkpointing": t.gradient_checkpointing,
+        "activation_checkpointing_kwargs": {"use_reentrant": False},
+        "max_grad_norm": t.max_grad_norm,
+        "bf16": bf16,
+        "fp16": precision == "fp16",
+        "seed": t.seed,
+        "data_seed": t.seed,
+        "logging_steps": t.logging_steps,
+        "eval_strategy": "steps" if has_val else "no",
+        "eval_steps": t.eval_steps or save_steps,
+        "save_strategy": "steps",
+        "save_steps": save_steps,
+        # Local copies only; Ray Train keeps the real ones in storage.
+        "save_total_limit": 1,
+        "report_to": list(t.tracking.backends) or "none",
+        "include_num_input_tokens_seen": "all" if objective == "sft" else "no",
+        "use_cpu": not c.use_gpu,
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+        "remove_unused_columns": False,
+        "ddp_find_unused_parameters": False,
+    }
+    if t.tracking.backends:
+        hf["logging_dir"] = str(Path(cfg.run_dir).resolve() / "tracking")
+        hf["run_name"] = t.tracking.project or cfg.name
+    return {
+        "base_path": base_path,
+        "revision": cfg.model.revision,
+        "trust_remote_code": cfg.model.trust_remote_code,
+        "method": t.method,
+        "objective": objective,
+        "kind": kind,
+        "lora": t.lora.model_dump(),
+        "quant": t.quantization.model_dump(),
+        "zero_stage": t.deepspeed.zero_stage,
+        "ds_config": ds_config,
+        "use_gpu": c.use_gpu,
+        "precision": precision,
+        "seed": t.seed,
+        "has_validation": has_val,
+        "hf": hf,
+        "fault": _fault_from_env(),
+    }
+
+
+def _torch_trainer(cfg: JobConfig, splits: dict, storage: str, run_dir: Path, loop_config: dict):
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    c = cfg.cluster
+    run_dir.mkdir(parents=True, exist_ok=True)
+    has_val = "validation" in splits
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=c.num_workers,
+            use_gpu=c.use_gpu,
+            resources_per_worker={"CPU": c.cpus_per_worker, **({"GPU": 1} if c.use_gpu else {})},
+            placement_strategy=c.placement_strategy,
+        ),
+        run_config=RunConfig(
+            name=cfg.name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=c.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.training.keep_checkpoints,
+                checkpoint_score_attribute="eval_loss" if has_val else None,
+                checkpoint_score_order="min",
+            ),
+            callbacks=[MetricsFile(str(run_dir), cfg.training.max_steps)],
+        ),
+        datasets=splits,
+        # Same blocks to the same worker in the same order on every run: resume replays exactly.
+        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
+    )
+
+
+def _fit(trainer, cfg: JobConfig):
+    import ray.train
+
+    try:
+        return trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        raise TrainingFailedError(
+            f"training of '{cfg.name}' failed after {cfg.cluster.max_failures} allowed worker "
+            f"failure(s): {e}\nThe worker traceback is above. Fix the cause, then continue from "
+            f"the last checkpoint with `rayft train CONFIG --resume` (cluster.max_failures "
+            f"retries automatically)."
+        ) from e
+
+
+def _check_resume(storage: str, name: str, resume: bool) -> None:
+    """A fresh run must not silently continue old checkpoints, nor --resume silently restart."""
+    import pyarrow.fs
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(
+        storage if "://" in storage else os.path.abspath(storage)
+    )
+    snapshot = f"{root}/{name}/checkpoint_manager_snapshot.json"
+    exists = fs.get_file_info(snapshot).type != pyarrow.fs.FileType.NotFound
+    if exists and not resume:
+        raise TrainConfigError(
+            f"{storage}/{name} holds checkpoints of an earlier run of '{name}': continue it with "
+            "`rayft train CONFIG --resume`, or delete that directory (or change `name`) to start "
+            "over"
+        )
+    if resume and not exists:
+        print(f"[rayft train] nothing to resume in {storage}/{name}: starting fresh", flush=True)
+
+
+def _workers(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "workers.json"
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def _data_hash(run_dir: Path, data_dir: Path) -> str:
+    """The data hash prepare recorded, else a hash of the Parquet files train read."""
+    prepared = manifest.read_manifest(run_dir).get("stages", {}).get("prepare", {})
+    if prepared.get("data_hash"):
+        return prepared["data_hash"]
+    return manifest.hash_files(sorted(p for p in data_dir.rglob("*.parquet") if p.is_file()))
+
+
+def _fault_from_env() -> dict[str, Any] | None:
+    """Fault injection for the fault-tolerance tests (RAYFT_TRAIN_FAULT, a JSON object)."""
+    raw = os.environ.get("RAYFT_TRAIN_FAULT")
+    return json.loads(raw) if raw else None

@@ -1,0 +1,128 @@
+"""The per-worker training function: TRL inside a Ray Train worker. Reads top to bottom."""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+from typing import Any
+
+import ray.train
+from torch.utils.data import DataLoader
+
+from rayft.training.data import collate_padding_free, endless_rows, features, one_pass
+from rayft.training.model import adapter_config, compute_dtype, load_base
+from rayft.training.report import RayReport
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Train in a scratch output dir: HF writes each checkpoint there before Ray Train copies it
+    to storage, so the local copies can go when the worker ends."""
+    with tempfile.TemporaryDirectory(prefix="rayft-train-") as output_dir:
+        _train(config, output_dir)
+
+
+def _train(config: dict[str, Any], output_dir: str) -> None:
+    """Build TrainingArguments, model, this worker's data streams and the TRL trainer; train,
+    resuming from the latest Ray Train checkpoint when there is one."""
+    from datasets import IterableDataset
+    from transformers import AutoTokenizer
+
+    objective, kind = config["objective"], config["kind"]
+    if config["ds_config"]:
+        _join_deepspeed(config["use_gpu"])
+    # TrainingArguments first: under ZeRO-3 they register the DeepSpeed config that
+    # from_pretrained needs to build the model partitioned.
+    args = _training_args(objective, config, output_dir)
+    tokenizer = AutoTokenizer.from_pretrained(config["base_path"], revision=config["revision"])
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = load_base(
+        config["base_path"],
+        config["method"],
+        compute_dtype(config["precision"], config["use_gpu"]),
+        config["quant"],
+        config["zero_stage"],
+        config["use_gpu"],
+        revision=config["revision"],
+        trust_remote_code=config["trust_remote_code"],
+    )
+
+    seed, feats = config["seed"], features(kind)
+    train_shard = ray.train.get_dataset_shard("train")
+    train_ds = IterableDataset.from_generator(
+        functools.partial(endless_rows, train_shard, kind, seed), features=feats
+    )
+    eval_ds = None
+    if config["has_validation"]:
+        eval_shard = ray.train.get_dataset_shard("validation")
+        eval_ds = IterableDataset.from_generator(
+            functools.partial(one_pass, eval_shard, kind), features=feats
+        )
+
+    common = {
+        "model": model,
+        "args": args,
+        "train_dataset": train_ds,
+        "eval_dataset": eval_ds,
+        "processing_class": tokenizer,
+        "peft_config": adapter_config(config["method"], config["lora"]),
+        "callbacks": [RayReport(config.get("fault"))],
+    }
+    from trl import SFTTrainer
+
+    trainer = SFTTrainer(**common, data_collator=collate_padding_free)
+    _read_own_shard(trainer)
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        trainer.train()
+        return
+    with checkpoint.as_directory() as ckpt_dir:
+        trainer.train(resume_from_checkpoint=ckpt_dir)
+
+
+def _join_deepspeed(use_gpu: bool) -> None:
+    """Hand DeepSpeed the process group Ray Train set up, before ZeRO-3 partitions the model at
+    load time (its config would otherwise see a world of one)."""
+    import deepspeed
+    import deepspeed.ops
+
+    if not use_gpu:
+        # DeepSpeed JIT-compiles a shared-memory all-reduce op (~3 min) the first time it starts
+        # on CPU; it only speeds up intra-node reductions that gloo does correctly.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
+
+
+def _training_args(objective: str, config: dict[str, Any], output_dir: str):
+    from trl import SFTConfig
+
+    hf = dict(config["hf"], output_dir=output_dir, deepspeed=config["ds_config"])
+    # Rows are already tokenized, masked and packed by `rayft prepare`: TRL must not redo it.
+    return SFTConfig(**hf, dataset_kwargs={"skip_prepare_dataset": True})
+
+
+def _read_own_shard(trainer) -> None:
+    """Give the trainer plain DataLoaders over this worker's Ray shard.
+
+    Accelerate would wrap an iterable dataset in IterableDatasetShard and keep only every N-th
+    batch of what Ray already split between the workers (the same fix as Ray's own
+    `prepare_trainer`, which only handles Ray iterables, not the datasets TRL requires).
+    """
+    bs_train = trainer.args.per_device_train_batch_size
+    bs_eval = trainer.args.per_device_eval_batch_size
+    collate = trainer.data_collator
+
+    def train_loader() -> DataLoader:
+        return DataLoader(trainer.train_dataset, batch_size=bs_train, collate_fn=collate)
+
+    def eval_loader(eval_dataset=None) -> DataLoader:
+        ds = (
+            trainer.eval_dataset
+            if eval_dataset is None or isinstance(eval_dataset, str)
+            else eval_dataset
+        )
+        return DataLoader(ds, batch_size=bs_eval, collate_fn=collate)
+
+    trainer.get_train_dataloader = train_loader
+    trainer.get_eval_dataloader = eval_loader

@@ -1,0 +1,88 @@
+"""Methods x DeepSpeed ZeRO stages on 2 CPU workers, each fresh and resumed in one run.
+
+Every run loses a worker (SIGKILL at step 3) and has max_failures=1, so Ray Train restarts the
+workers from the step-2 checkpoint: the same restore path as `--resume` (ray.train.get_checkpoint
+-> HF resume_from_checkpoint), at the cost of one run instead of two. Each run must: finish all
+steps exactly once after the restore (resume continues at the right step), lower the loss, and
+leave an adapter/model that loads with plain transformers/PEFT.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from train_data import write_sft
+
+from rayft.config import JobConfig
+from rayft.training import train
+
+pytestmark = pytest.mark.slow
+
+
+def _run(run_dir, method: str, zero: int, lr: float = 1e-2):
+    fault = {"sigkill": {"step": 3, "rank": 1, "marker": str(run_dir / "killed")}}
+    cfg = JobConfig.model_validate(
+        {
+            "name": f"{method}-z{zero}",
+            "run_dir": str(run_dir),
+            "model": {"base": "tiny-llama"},
+            "training": {
+                "method": method,
+                "max_steps": 4,
+                "save_steps": 2,
+                "learning_rate": lr,
+                "warmup_ratio": 0.0,
+                "per_device_batch_size": 2,
+                "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+                "deepspeed": {"zero_stage": zero},
+            },
+            "cluster": {"num_workers": 2, "max_failures": 1},
+        }
+    )
+    return cfg, fault
+
+
+def _check_run(run_dir, art) -> list[dict]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    assert (run_dir / "killed").exists(), "the worker was never killed"
+    assert [s for s, _ in losses] == [1, 2, 3, 4]  # restored at step 2, nothing lost or repeated
+    assert losses[-1][1] < losses[0][1], losses
+    assert art.summary["steps"] == 4
+    return rows
+
+
+def _load_adapter(adapter_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter_dir)
+
+
+@pytest.mark.parametrize(
+    ("method", "zero"),
+    [("lora", 3), ("qlora", 3), ("full", 2), ("dora", 0)],
+)
+def test_method_x_zero_fresh_and_resumed(
+    ray_local, tiny_model, tmp_path, monkeypatch, method, zero
+):
+    write_sft(tmp_path, tiny_model, n_train=64, n_val=0)
+    cfg, fault = _run(tmp_path, method, zero, lr=1e-3 if method == "full" else 1e-2)
+    monkeypatch.setenv("RAYFT_TRAIN_FAULT", json.dumps(fault))
+    art = train(cfg)
+    _check_run(tmp_path, art)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    if method == "full":
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+        base = AutoModelForCausalLM.from_pretrained(tiny_model)
+        assert not torch.allclose(model(ids).logits, base(ids).logits)
+    else:
+        model = _load_adapter(tmp_path / "adapter")
+        assert model.peft_config["default"].use_dora == (method == "dora")
+        lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+        assert lora_b and all(p.abs().sum() > 0 for p in lora_b)

@@ -1,0 +1,174 @@
+"""Training pieces that need no Ray: packing independence, collator, DeepSpeed config, refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from train_data import chat_rows, pack, tokenize_chat, write_preference, write_sft
+
+from rayft.config import JobConfig
+from rayft.training import TrainConfigError, train
+from rayft.training.checks import problems
+from rayft.training.data import collate_padding_free
+from rayft.training.dsconfig import DeepSpeedConfigError, deepspeed_config
+
+
+def _cfg(run_dir, **training) -> JobConfig:
+    return JobConfig.model_validate(
+        {
+            "name": "t",
+            "run_dir": str(run_dir),
+            "model": {"base": "tiny-llama"},
+            "training": training,
+        }
+    )
+
+
+def test_packed_examples_stay_independent(tiny_model):
+    """transformers 5 turns restarting position ids (and no attention mask) into a block-diagonal
+    mask: a packed example's logits and loss equal those of the example alone. Only without a KV
+    cache (masking_utils skips the check when past_key_values exist), which is why the training
+    model is loaded with use_cache=False."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.masking_utils import find_packed_sequence_indices
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    model.config.use_cache = False
+    a, b = (tokenize_chat(tok, m) for m in chat_rows(2, seed=3))
+    (packed,) = pack([a, b], max_len=10_000)
+    pos = torch.tensor([packed["position_ids"]])
+    assert find_packed_sequence_indices(pos)[0].tolist() == [0] * len(a[0]) + [1] * len(b[0])
+
+    batch = collate_padding_free([packed])
+    assert "attention_mask" not in batch
+    with torch.no_grad():
+        together = model(**batch).logits[0]
+        alone_a = model(input_ids=torch.tensor([a[0]])).logits[0]
+        alone_b = model(input_ids=torch.tensor([b[0]])).logits[0]
+    torch.testing.assert_close(together[: len(a[0])], alone_a, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(together[len(a[0]) :], alone_b, atol=1e-5, rtol=1e-5)
+
+    # The loss of a pack is the token-weighted mean of its examples' losses.
+    def loss_sum(ids, labels):
+        out = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels]))
+        n = (torch.tensor(labels[1:]) != -100).sum()
+        return out.loss * n, n
+
+    with torch.no_grad():
+        la, na = loss_sum(*a)
+        lb, nb = loss_sum(*b)
+        packed_loss = model(**batch).loss
+    torch.testing.assert_close(packed_loss, (la + lb) / (na + nb), atol=1e-5, rtol=1e-5)
+
+    # Without the restart, or with a KV cache, the second example sees the first.
+    with torch.no_grad():
+        leaky = model(input_ids=batch["input_ids"]).logits[0][len(a[0]) :]
+        cached = model(**batch, use_cache=True).logits[0][len(a[0]) :]
+    assert not torch.allclose(leaky, alone_b, atol=1e-3)
+    assert not torch.allclose(cached, alone_b, atol=1e-3)
+
+
+def test_collator_masks_the_first_token_of_every_example():
+    rows = [
+        {"input_ids": [5, 6, 7, 8, 9], "labels": [5, 6, 7, 8, 9], "position_ids": [0, 1, 2, 0, 1]},
+        {"input_ids": [3, 4], "labels": [-100, 4], "position_ids": [0, 1]},
+    ]
+    batch = collate_padding_free(rows)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 3, 4]]
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9, -100, 4]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1]]
+
+
+def test_deepspeed_config_from_keys_and_raw(tmp_path):
+    assert deepspeed_config(0) is None
+    z2 = deepspeed_config(2, offload_optimizer=True)
+    assert z2["zero_optimization"]["stage"] == 2
+    assert z2["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert z2["train_micro_batch_size_per_gpu"] == "auto"
+    z3 = deepspeed_config(3, offload_params=True)["zero_optimization"]
+    assert z3["stage3_gather_16bit_weights_on_model_save"] is True
+    assert z3["offload_param"]["device"] == "cpu"
+
+    raw = {"zero_optimization": {"stage": 1}, "train_micro_batch_size_per_gpu": "auto"}
+    assert deepspeed_config(3, raw_config=raw) == raw
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(raw))
+    assert deepspeed_config(0, raw_config=str(path)) == raw
+    path.write_text("{not json")
+    with pytest.raises(DeepSpeedConfigError, match=r"ds.json:1: .*not valid JSON"):
+        deepspeed_config(0, raw_config=str(path))
+
+
+@pytest.mark.parametrize(
+    ("training", "cluster", "kind", "expected"),
+    [
+        ({"objective": "dpo"}, {}, "sft", "prepared data is SFT"),
+        ({"objective": "sft"}, {}, "preference", "holds preference pairs"),
+        ({"precision": "fp16"}, {}, "sft", "fp16 needs a GPU"),
+        ({"deepspeed": {"zero_stage": 2, "offload_params": True}}, {}, "sft", "needs zero_stage 3"),
+        ({"deepspeed": {"offload_optimizer": True}}, {}, "sft", "needs zero_stage >= 1"),
+        (
+            {
+                "method": "qlora",
+                "deepspeed": {"zero_stage": 3},
+                "quantization": {"quant_storage": "uint8"},
+            },
+            {},
+            "sft",
+            "quant_storage: bfloat16",
+        ),
+        (
+            {"method": "qlora", "deepspeed": {"zero_stage": 3, "offload_params": True}},
+            {},
+            "sft",
+            "cannot be offloaded",
+        ),
+        ({"objective": "auto"}, {}, "preference", "DPO (preference data) is not available"),
+        ({"eval_steps": 3, "save_steps": 4}, {}, "sft", "multiple of training.eval_steps"),
+    ],
+)
+def test_known_bad_combinations_are_explained(tmp_path, training, cluster, kind, expected):
+    cfg = JobConfig.model_validate({"training": training, "cluster": cluster})
+    found = problems(cfg, kind)
+    assert len(found) == 1 and expected in found[0], found
+
+
+def test_good_combinations_pass():
+    for training in (
+        {"method": "qlora", "deepspeed": {"zero_stage": 3}},  # auto storage -> bfloat16
+        {"method": "lora", "deepspeed": {"zero_stage": 3, "offload_params": True}},
+        {"method": "dora", "deepspeed": {"zero_stage": 2, "offload_optimizer": True}},
+        {"method": "full", "precision": "fp32"},
+    ):
+        assert problems(JobConfig.model_validate({"training": training}), "sft") == []
+
+
+def test_train_refuses_before_any_worker_starts(tmp_path, tiny_model):
+    import ray
+
+    write_preference(tmp_path)
+    with pytest.raises(TrainConfigError, match="objective=sft but the prepared data holds"):
+        train(_cfg(tmp_path, objective="sft"))
+    assert not ray.is_initialized()
+
+
+def test_fresh_run_does_not_silently_continue_old_checkpoints(tmp_path, tiny_model):
+    import ray
+
+    write_sft(tmp_path, tiny_model, n_train=4, n_val=2)
+    snapshot = tmp_path / "checkpoints" / "t" / "checkpoint_manager_snapshot.json"
+    snapshot.parent.mkdir(parents=True)
+    snapshot.write_text("{}")
+    with pytest.raises(TrainConfigError, match="--resume"):
+        train(_cfg(tmp_path))
+    assert not ray.is_initialized()
+
+
+def test_missing_data_says_to_run_prepare(tmp_path):
+    from rayft.training.data import TrainDataError
+
+    with pytest.raises(TrainDataError, match="rayft prepare"):
+        train(_cfg(tmp_path))
