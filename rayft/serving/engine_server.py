@@ -1,0 +1,74 @@
+"""The engine deployment: one replica = one engine (a model, its tokenizer, its resident adapters).
+
+Non-streaming requests go through `serve.batch`, so requests that arrive together, whatever
+adapter they name, become one `generate` call. Engine calls run in a thread so the replica's
+event loop keeps answering health checks and filling the next batch meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+
+import ray
+from ray import serve
+
+from rayft.serving.protocol import GenRequest, GenResult
+
+
+def make_engine(kind: str, model_path: str, max_loaded_adapters: int, max_lora_rank: int):
+    if kind == "vllm":
+        from rayft.serving.vllm_engine import VllmEngine
+
+        return VllmEngine(model_path, max_loras=max_loaded_adapters, max_lora_rank=max_lora_rank)
+    from rayft.serving.hf_engine import TransformersEngine
+
+    return TransformersEngine(model_path, max_loaded_adapters, max_lora_rank)
+
+
+@serve.deployment
+class EngineServer:
+    def __init__(
+        self,
+        kind: str,
+        model_path: str,
+        max_loaded_adapters: int,
+        max_lora_rank: int,
+        max_batch_size: int,
+        batch_wait_s: float,
+        threads: int,
+    ):
+        import torch
+
+        # Replicas share the machine's cores with each other: oversubscribed BLAS threads thrash.
+        torch.set_num_threads(max(1, threads))
+        self.engine = make_engine(kind, model_path, max_loaded_adapters, max_lora_rank)
+        self.generate_batch.set_max_batch_size(max_batch_size)
+        self.generate_batch.set_batch_wait_timeout_s(batch_wait_s)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)  # both set in __init__
+    async def generate_batch(self, requests: list[GenRequest]) -> list[GenResult]:
+        return await asyncio.to_thread(self.engine.generate, requests)
+
+    async def generate(self, request: GenRequest) -> GenResult:
+        result = await self.generate_batch(request)
+        if isinstance(result, Exception):  # this request alone failed (see engine.generate)
+            raise result
+        return result
+
+    async def stream(self, request: GenRequest) -> AsyncIterator[str | GenResult]:
+        pieces = self.engine.stream(request)
+        done = object()
+        while (piece := await asyncio.to_thread(next, pieces, done)) is not done:
+            yield piece
+
+    def loaded_adapters(self) -> list[str]:
+        return self.engine.loaded_adapters()
+
+    def actor_name(self) -> str:
+        """This replica's Ray actor name (tests kill replicas by it)."""
+        return ray.get_runtime_context().get_actor_name()
+
+    def pid(self) -> int:
+        return os.getpid()

@@ -1,0 +1,267 @@
+"""The transformers engine: one base model plus many LoRA adapters in one process (CPU or GPU).
+
+Requests for different adapters share one `generate` call: LoRA layers add per-row adapter
+deltas with two batched matmuls (`lora_batch`), or, for layer kinds it does not cover, through
+PEFT's mixed-adapter batches (`adapter_names=`), so eight adapters cost one forward pass per
+token, not eight. DoRA cannot join mixed batches, so a DoRA adapter is merged into its own copy
+of the base (the in-replica "merged fallback") and batched separately.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
+
+from rayft.serving import lora_batch
+from rayft.serving.adapters import check_compatible
+from rayft.serving.errors import AdapterRefused, ServeError
+from rayft.serving.protocol import AdapterRef, GenRequest, GenResult
+
+BASE = "__base__"  # PEFT's name for "no adapter" inside a mixed batch
+
+
+class TransformersEngine:
+    def __init__(
+        self,
+        model_path: str,
+        max_loaded_adapters: int = 16,
+        max_lora_rank: int = 64,
+        device: str | None = None,
+    ):
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device)
+        self.model.eval()
+        self.base_linears = {
+            name: (m.in_features, m.out_features)
+            for name, m in self.model.named_modules()
+            if isinstance(m, torch.nn.Linear)
+        }
+        self.max_loaded = max_loaded_adapters
+        self.max_rank = max_lora_rank
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = self.tokenizer.eos_token_id
+        self.eos_id = self.tokenizer.eos_token_id
+        self._peft = None  # the PeftModel wrapping self.model once an adapter is resident
+        self._resident: OrderedDict[str, str] = OrderedDict()  # key -> name, oldest first
+        self._merged: dict[str, torch.nn.Module] = {}  # key -> DoRA merged fallback
+        self._stacks = lora_batch.LoraStacks()
+        # One forward at a time: PEFT's adapter injection mutates modules, and two torch calls
+        # fighting over the same cores are slower than one after the other.
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ adapters
+
+    def check_adapter(self, path: str) -> dict:
+        return check_compatible(Path(path), self.base_linears, self.max_rank)
+
+    def loaded_adapters(self) -> list[str]:
+        return list(self._resident.values())
+
+    def _ensure(self, ref: AdapterRef, keep: set[str]) -> None:
+        """Make `ref` resident (lock held); evict least recently used adapters not in `keep`."""
+        if ref.key in self._resident:
+            self._resident.move_to_end(ref.key)
+        else:
+            info = self.check_adapter(ref.path)
+            if info["dora"]:
+                self._merged[ref.key] = self._merge_copy(ref)
+            else:
+                from peft import PeftModel
+
+                if self._peft is None:
+                    self._peft = PeftModel.from_pretrained(
+                        self.model, ref.path, adapter_name=ref.key
+                    )
+                    self._peft.eval()
+                else:
+                    self._peft.load_adapter(ref.path, adapter_name=ref.key)
+                self._stacks.add(self._peft, ref.key)
+            self._resident[ref.key] = ref.name
+        # A batch may need more adapters than fit: those stay until the next batch.
+        for key in [k for k in self._resident if k not in keep]:
+            if len(self._resident) <= self.max_loaded:
+                break
+            self._evict(key)
+
+    def _merge_copy(self, ref: AdapterRef) -> torch.nn.Module:
+        from peft import PeftModel
+
+        # A copy of the PeftModel carries the LoRA layers of the other adapters: unload drops them.
+        base = copy.deepcopy(self._peft).unload() if self._peft else copy.deepcopy(self.model)
+        return PeftModel.from_pretrained(base, ref.path).merge_and_unload().eval()
+
+    def _evict(self, key: str) -> None:
+        self._resident.pop(key)
+        if self._merged.pop(key, None) is not None:
+            return
+        self._stacks.drop(key)
+        left = [k for k in self._peft.peft_config if k != key]
+        if not left:  # PEFT cannot hold zero adapters: go back to the plain base model
+            self.model = self._peft.unload()
+            self._peft = None
+            return
+        self._peft.delete_adapter(key)
+        self._peft.set_adapter(left[0])  # PeftModel keeps a stale active adapter otherwise
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, requests: list[GenRequest]) -> list[GenResult | ServeError]:
+        results: list[GenResult | ServeError | None] = [None] * len(requests)
+        with self._lock:
+            keep = {r.adapter.key for r in requests if r.adapter}
+            for i, r in enumerate(requests):
+                if r.adapter:
+                    # One adapter that cannot load fails its own requests, not the whole batch.
+                    try:
+                        self._ensure(r.adapter, keep)
+                    except Exception as e:
+                        results[i] = _load_error(r.adapter, e)
+            groups: dict[tuple, list[int]] = {}
+            for i, r in enumerate(requests):
+                if results[i] is not None:
+                    continue
+                merged = r.adapter.key if r.adapter and r.adapter.key in self._merged else None
+                sampling = (0.0, 1.0) if r.temperature == 0 else (r.temperature, r.top_p)
+                groups.setdefault((merged, sampling, r.seed), []).append(i)
+            for (merged, _, _), idx in groups.items():
+                for i, res in zip(idx, self._run([requests[i] for i in idx], merged), strict=True):
+                    results[i] = res
+        return results  # type: ignore[return-value]
+
+    def _pick(self, reqs: list[GenRequest], merged: str | None) -> tuple:
+        """(model, extra generate kwargs, context manager) for one homogeneous group."""
+        if merged is not None:
+            return self._merged[merged], {}, contextlib.nullcontext()
+        names = [r.adapter.key if r.adapter else BASE for r in reqs]
+        if self._peft is None:
+            return self.model, {}, contextlib.nullcontext()
+        if all(n == BASE for n in names):
+            # Base-only batches switch the LoRA layers off instead of routing around them.
+            return self._peft, {}, self._peft.disable_adapter()
+        if self._stacks.covers({n for n in names if n != BASE}):
+            rows = [None if n == BASE else n for n in names]
+            return self._peft, {}, self._stacks.apply(self._peft, rows)
+        return self._peft, {"adapter_names": names}, contextlib.nullcontext()
+
+    def _gen_kwargs(self, r: GenRequest, max_new: int) -> dict:
+        kw = {"max_new_tokens": max_new, "pad_token_id": self.pad_id, "eos_token_id": self.eos_id}
+        if r.temperature == 0:
+            kw.update(do_sample=False)
+        else:
+            kw.update(do_sample=True, temperature=r.temperature, top_p=r.top_p)
+        return kw
+
+    def _batch_tensors(self, reqs: list[GenRequest]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(r.prompt_ids) for r in reqs)
+        ids = torch.full((len(reqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(reqs), width), dtype=torch.long)
+        for i, r in enumerate(reqs):  # left padding: every row ends where generation starts
+            ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
+            mask[i, width - len(r.prompt_ids) :] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def _run(self, reqs: list[GenRequest], merged: str | None) -> list[GenResult]:
+        model, extra, ctx = self._pick(reqs, merged)
+        ids, mask = self._batch_tensors(reqs)
+        kw = self._gen_kwargs(reqs[0], max(r.max_tokens for r in reqs)) | extra
+        if reqs[0].seed is not None:
+            torch.manual_seed(reqs[0].seed)
+        with ctx, torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=mask, **kw)
+        return [self._result(r, out[i, ids.shape[1] :].tolist()) for i, r in enumerate(reqs)]
+
+    def _result(self, r: GenRequest, tokens: list[int]) -> GenResult:
+        tokens = tokens[: r.max_tokens]
+        finish = "length"
+        if self.eos_id in tokens:
+            tokens = tokens[: tokens.index(self.eos_id)]
+            finish = "stop"
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        cut = cut_at_stop(text, r.stop)
+        if cut is not None:
+            text, finish = cut, "stop"
+        return GenResult(text, len(r.prompt_ids), len(tokens), finish)
+
+    def stream(self, request: GenRequest) -> Iterator[str | GenResult]:
+        """Yield decoded text pieces, then one GenResult (empty text) with the token counts and
+        finish reason. The generate call runs in a thread under the model lock."""
+        streamer = _CountingStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        errors: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                with self._lock:
+                    if request.adapter:
+                        try:
+                            self._ensure(request.adapter, {request.adapter.key})
+                        except Exception as e:
+                            raise _load_error(request.adapter, e) from e
+                    merged = request.adapter.key if request.adapter else None
+                    merged = merged if merged in self._merged else None
+                    model, extra, ctx = self._pick([request], merged)
+                    ids, mask = self._batch_tensors([request])
+                    kw = self._gen_kwargs(request, request.max_tokens) | extra
+                    with ctx, torch.inference_mode():
+                        model.generate(input_ids=ids, attention_mask=mask, streamer=streamer, **kw)
+            except BaseException as e:  # re-raised in the consumer, which owns the request
+                errors.append(e)
+                streamer.end()
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        text, stopped = "", False
+        for piece in streamer:
+            cut = cut_at_stop(text + piece, request.stop)
+            if cut is not None:
+                if len(cut) > len(text):
+                    yield cut[len(text) :]
+                stopped = True
+                break
+            text += piece
+            if piece:
+                yield piece
+        thread.join()
+        if errors:
+            raise errors[0]
+        done = self._result(request, streamer.generated)
+        yield GenResult(
+            "",
+            done.prompt_tokens,
+            done.completion_tokens,
+            "stop" if stopped else done.finish_reason,
+        )
+
+
+class _CountingStreamer(TextIteratorStreamer):
+    """TextIteratorStreamer that also keeps the generated token ids (for usage and finish)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.generated: list[int] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        if not (self.skip_prompt and self.next_tokens_are_prompt):
+            self.generated.extend(value.reshape(-1).tolist())
+        super().put(value)
+
+
+def _load_error(ref: AdapterRef, e: Exception) -> ServeError:
+    if isinstance(e, ServeError):
+        return e
+    return AdapterRefused(f"adapter {ref.name!r} ({ref.path}) could not be loaded: {e}", "model")
+
+
+def cut_at_stop(text: str, stops: list[str]) -> str | None:
+    """`text` up to the earliest stop string, or None when none occurs."""
+    hits = [text.index(s) for s in stops if s and s in text]
+    return text[: min(hits)] if hits else None

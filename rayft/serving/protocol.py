@@ -1,0 +1,60 @@
+"""The engine interface: what the Serve deployments need from a model runtime.
+
+A Protocol, not a base class: `hf_engine.TransformersEngine` (CPU and GPU) and
+`vllm_engine.VllmEngine` (GPU) share no code, only these signatures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from rayft.serving.errors import ServeError
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """An adapter as engines see it: `key` changes whenever the files behind `name` change, so a
+    replica never keeps serving stale weights under a reused name."""
+
+    name: str
+    path: str
+    key: str
+
+
+@dataclass
+class GenRequest:
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    adapter: AdapterRef | None = None
+    seed: int | None = None
+
+
+@dataclass
+class GenResult:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" | "length"
+
+
+class Engine(Protocol):
+    def generate(self, requests: list[GenRequest]) -> list[GenResult | ServeError]:
+        """Answer a batch; requests may name different adapters. An entry is a ServeError when
+        that request alone failed (its adapter could not be loaded)."""
+        ...
+
+    def stream(self, request: GenRequest) -> Iterator[str | GenResult]:
+        """Yield text pieces of one answer as they are produced, then one GenResult (empty
+        text) carrying the token counts and finish reason."""
+        ...
+
+    def check_adapter(self, path: str) -> dict:
+        """Raise AdapterRefused unless the adapter at `path` fits this base; return its summary."""
+        ...
+
+    def loaded_adapters(self) -> list[str]: ...

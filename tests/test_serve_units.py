@@ -1,0 +1,339 @@
+"""Serving parts without Ray: adapter vetting, engine batching, arm assignment, routing, the A/B
+report."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from rayft.serving.ab import assign, report
+from rayft.serving.adapters import base_linears, check_compatible, fingerprint, resolve_adapter
+from rayft.serving.errors import AdapterRefused, NotFound
+from rayft.serving.routing import resolve
+
+# --------------------------------------------------------------- helpers (also used by
+# test_serve_api): adapters and merged models made with PEFT on tiny-llama. LoRA B starts at
+# zero (an adapter that changes nothing), so B gets random values: answers must differ.
+
+
+def make_adapter(base: str, out: Path, seed: int, r: int = 4, dora: bool = False) -> Path:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"], use_dora=dora)
+    model = get_peft_model(model, cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 1.0)
+    model.save_pretrained(out)
+    return out
+
+
+def make_merged(base: str, adapter: Path, out: Path) -> Path:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)
+    model.merge_and_unload().save_pretrained(out)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("root")
+    outside = tmp_path_factory.mktemp("outside")
+    make_adapter(tiny_model, root / "runs" / "r1" / "adapter", seed=1)
+    make_adapter(tiny_model, outside / "evil", seed=2)
+    return root, outside
+
+
+def test_run_dir_resolves_to_its_adapter(adapters, tmp_path):
+    root, _ = adapters
+    path = resolve_adapter("runs/r1", root, tmp_path)
+    assert path == (root / "runs" / "r1" / "adapter").resolve()
+    assert resolve_adapter(str(root / "runs" / "r1"), root, tmp_path) == path
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink_dir", "symlink_file"])
+def test_paths_outside_the_root_are_refused(adapters, tmp_path, kind):
+    root, outside = adapters
+    if kind == "dotdot":
+        spec = f"runs/../../{outside.name}/evil"
+    elif kind == "absolute":
+        spec = str(outside / "evil")
+    elif kind == "symlink_dir":
+        link = root / "link_dir"
+        link.unlink(missing_ok=True)
+        link.symlink_to(outside / "evil")
+        spec = "link_dir"
+    else:  # a real directory under the root whose weights file points outside
+        d = root / "link_file"
+        d.mkdir(exist_ok=True)
+        (d / "adapter_config.json").write_text(
+            (outside / "evil" / "adapter_config.json").read_text()
+        )
+        w = d / "adapter_model.safetensors"
+        w.unlink(missing_ok=True)
+        w.symlink_to(outside / "evil" / "adapter_model.safetensors")
+        spec = "link_file"
+    with pytest.raises(AdapterRefused, match=r"\.\.|outside the allowed root"):
+        resolve_adapter(spec, root, tmp_path)
+
+
+def test_pickle_only_adapter_is_refused(adapters, tmp_path):
+    root, _ = adapters
+    d = root / "pickled"
+    d.mkdir(exist_ok=True)
+    (d / "adapter_config.json").write_text(
+        (root / "runs/r1/adapter/adapter_config.json").read_text()
+    )
+    (d / "adapter_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    with pytest.raises(AdapterRefused, match="pickle"):
+        resolve_adapter("pickled", root, tmp_path)
+
+
+def test_compatibility_is_checked_on_shapes_and_rank(tiny_model, adapters, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root, _ = adapters
+    linears = base_linears(tiny_model)
+    ok = check_compatible(root / "runs/r1/adapter", linears, max_rank=64)
+    assert ok == {"rank": 4, "modules": 4, "dora": False}
+    with pytest.raises(AdapterRefused, match="rank 4 is above"):
+        check_compatible(root / "runs/r1/adapter", linears, max_rank=2)
+    # An adapter trained on a model with other dimensions must not load onto tiny-llama.
+    other = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=512,
+        )
+    )
+    get_peft_model(other, LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(
+        tmp_path / "o"
+    )
+    with pytest.raises(AdapterRefused, match="in the adapter but"):
+        check_compatible(tmp_path / "o", linears, max_rank=64)
+
+
+def test_fingerprint_changes_with_the_weights(adapters):
+    root, _ = adapters
+    path = root / "runs/r1/adapter"
+    before = fingerprint("a", path)
+    w = path / "adapter_model.safetensors"
+    os.utime(w, ns=(w.stat().st_atime_ns, w.stat().st_mtime_ns + 1_000_000))
+    assert fingerprint("a", path).key != before.key
+
+
+def test_assignment_is_sticky_and_proportional():
+    arms = {"base": 3.0, "ft": 1.0}
+    users = [f"user-{i}" for i in range(4000)]
+    first = [assign("exp", arms, u) for u in users]
+    assert first == [assign("exp", arms, u) for u in users]  # sticky
+    share = Counter(first)["ft"] / len(users)
+    assert abs(share - 0.25) < 0.03, share
+    random.seed(0)
+    anon = Counter(assign("exp", arms, None) for _ in range(4000))
+    assert abs(anon["ft"] / 4000 - 0.25) < 0.03
+    assert Counter(assign("exp", {"base": 1.0, "off": 0.0}, u) for u in users)["off"] == 0
+
+
+def test_routing_names(tmp_path):
+    from rayft.serving.protocol import AdapterRef
+
+    ref = AdapterRef("a1", "/x", "k")
+    kw = dict(
+        base_alias="tiny-llama",
+        engines={"m1"},
+        adapters={"a1": ref},
+        experiments={"exp": {"arms": {"a1": 1.0}, "shadow": "base"}},
+        user="u",
+    )
+    assert resolve("base", **kw)[0].adapter is None
+    assert resolve("tiny-llama", **kw)[0].engine == "base"
+    assert resolve("tiny-llama:a1", **kw)[0].adapter == ref
+    assert resolve("base:a1", **kw)[0].arm == "a1"
+    assert resolve("m1", **kw)[0].engine == "m1"
+    answer, shadow = resolve("exp", **kw)
+    assert (answer.arm, answer.experiment, shadow.arm) == ("a1", "exp", "base")
+    with pytest.raises(NotFound, match="does not exist"):
+        resolve("nope", **kw)
+
+
+def test_report_win_rates_ratings_and_tests(tmp_path):
+    reqs, fb = [], []
+    for i in range(60):
+        arm = "base" if i % 2 else "ft"
+        reqs.append(
+            {
+                "id": f"r{i}",
+                "experiment": "exp",
+                "arm": arm,
+                "status": 200,
+                "latency_s": 0.1,
+                "completion_tokens": 5,
+            }
+        )
+        fb.append(
+            {
+                "response_id": f"r{i}",
+                "rating": 4.0 + (i % 3) / 2 if arm == "ft" else 2.0 + (i % 3) / 2,
+            }
+        )
+    for i in range(0, 60, 2):  # ft (even ids) preferred to base in 24 of 30 comparisons
+        win, lose = (f"r{i}", f"r{i + 1}") if i < 48 else (f"r{i + 1}", f"r{i}")
+        fb.append({"response_id": win, "preferred_over": lose})
+    reqs.append({"id": "s", "experiment": "exp", "arm": "shadow", "shadow": True, "status": 200})
+    out = report(reqs, fb)["exp"]
+    assert out["reference"] == "base" and set(out["arms"]) == {"base", "ft"}
+    assert out["arms"]["ft"]["requests"] == 30
+    r = out["arms"]["ft"]["rating"]
+    assert r["n"] == 30 and r["mean"] == pytest.approx(4.5)
+    assert r["ci"][0] < r["mean"] < r["ci"][1]
+    assert out["arms"]["ft"]["rating_vs_base"]["p_value"] < 1e-6
+    (pair,) = out["pairwise"]
+    assert (pair["arm"], pair["versus"], pair["wins"], pair["losses"]) == ("ft", "base", 24, 6)
+    assert pair["ci"][0] < 0.8 < pair["ci"][1] and pair["p_value"] < 0.01
+    json.dumps(out)  # the report is written as JSON
+
+
+def test_engine_mixed_batch_matches_single_requests_with_dora_and_eviction(tiny_model, tmp_path):
+    from rayft.serving.hf_engine import TransformersEngine
+    from rayft.serving.protocol import GenRequest
+
+    refs = [
+        fingerprint(f"a{i}", make_adapter(tiny_model, tmp_path / f"a{i}", seed=i, dora=i == 2))
+        for i in range(3)
+    ]
+    engine = TransformersEngine(tiny_model, max_loaded_adapters=1)
+    ids = engine.tokenizer("hello world")["input_ids"]
+    batch = [GenRequest(ids, 6, 0.0, adapter=r) for r in [None, *refs]]
+    mixed = [r.text for r in engine.generate(batch)]
+    assert len(set(mixed)) == 4  # base, two LoRA adapters and a DoRA adapter all differ
+    single = [engine.generate([req])[0].text for req in batch]  # evicts and reloads (max 1)
+    assert single == mixed
+    assert len(engine.loaded_adapters()) == 1
+    *pieces, summary = engine.stream(batch[1])
+    assert "".join(pieces) == mixed[1]
+    assert (summary.completion_tokens, summary.finish_reason) == (6, "length")
+    # An adapter whose files vanished fails its own request only, with a clear error.
+    gone = fingerprint("gone", make_adapter(tiny_model, tmp_path / "gone", seed=9))
+    shutil.rmtree(gone.path)
+    out = engine.generate([batch[0], GenRequest(ids, 6, 0.0, adapter=gone)])
+    assert out[0].text == mixed[0]
+    assert isinstance(out[1], AdapterRefused) and "gone" in str(out[1])
+    restored = pickle.loads(pickle.dumps(out[1]))
+    assert (restored.status, restored.param) == (400, out[1].param)
+
+
+def test_vllm_engine_missing_says_how_to_install(tiny_model, tmp_path):
+    from rayft.config import JobConfig
+    from rayft.serving import build_app
+    from rayft.serving.vllm_engine import VllmMissing
+
+    cfg = JobConfig(run_dir=str(tmp_path), model={"base": tiny_model}, serve={"engine": "vllm"})
+    with pytest.raises(VllmMissing, match=r"pip install rayft\[vllm\]"):
+        build_app(cfg)
+
+
+def test_stacked_lora_equals_peft_mixed_batch(tiny_model, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from rayft.serving.lora_batch import LoraStacks
+
+    a = make_adapter(tiny_model, tmp_path / "a", seed=1, r=4)
+    b = make_adapter(tiny_model, tmp_path / "b", seed=2, r=8)  # ranks differ: zero padding
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model), a, adapter_name="a"
+    )
+    model.load_adapter(b, adapter_name="b")
+    model.eval()
+    stacks = LoraStacks()
+    assert stacks.add(model, "a") and stacks.add(model, "b")
+    ids = torch.randint(4, 500, (4, 7))
+    rows = ["a", None, "b", "a"]
+    with torch.no_grad():
+        want = model(input_ids=ids, adapter_names=[r or "__base__" for r in rows]).logits
+        with stacks.apply(model, rows):
+            got = model(input_ids=ids).logits
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(got[0], base[0], atol=1e-3)  # the adapters do something
+    torch.testing.assert_close(got[1], base[1])
+
+
+def test_s3_adapter_is_fetched_and_pickles_refused(tiny_model, tmp_path, monkeypatch):
+    import socket
+
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    try:
+        for k, v in {
+            "AWS_ACCESS_KEY_ID": "x",
+            "AWS_SECRET_ACCESS_KEY": "x",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        }.items():
+            monkeypatch.setenv(k, v)
+        fs = s3fs.S3FileSystem(skip_instance_cache=True)
+        fs.mkdir("bucket")
+        local = make_adapter(tiny_model, tmp_path / "a", seed=1)
+        fs.put(f"{local}/", "bucket/runs/r1/adapter/", recursive=True)
+        fs.pipe("bucket/pickled/adapter_config.json", (local / "adapter_config.json").read_bytes())
+        fs.pipe("bucket/pickled/adapter_model.bin", b"never unpickled")
+        path = resolve_adapter("s3://bucket/runs/r1", tmp_path / "root", tmp_path / "cache")
+        assert sorted(p.name for p in path.iterdir()) == [
+            "adapter_config.json",
+            "adapter_model.safetensors",
+        ]
+        assert check_compatible(path, base_linears(tiny_model), 64)["rank"] == 4
+        with pytest.raises(AdapterRefused, match="only safetensors"):
+            resolve_adapter("s3://bucket/pickled", tmp_path / "root", tmp_path / "cache")
+    finally:
+        server.stop()
+
+
+def test_app_builder_for_serve_config_files(tiny_model, tmp_path):
+    import yaml
+    from ray.serve import Application
+
+    from rayft.serving.app import ServeConfigError, app_builder
+
+    job = tmp_path / "job.yaml"
+    adapter = make_adapter(tiny_model, tmp_path / "a1", seed=1)
+    job.write_text(
+        yaml.safe_dump(
+            {
+                "run_dir": str(tmp_path),
+                "model": {"base": tiny_model},
+                "serve": {"adapters": {"a1": str(adapter)}},
+            }
+        )
+    )
+    assert isinstance(app_builder({"config": str(job)}), Application)
+    with pytest.raises(ServeConfigError, match=r"serve.experiments.e: arm 'nope'"):
+        app_builder({"config": str(job), "overrides": ["serve.experiments={e: {arms: {nope: 1}}}"]})
