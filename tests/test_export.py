@@ -1,0 +1,389 @@
+"""`rayft merge` / `rayft export`: real PEFT adapters on tiny-llama, real bitsandbytes 4-bit on
+CPU, GGUF files read back by transformers' own GGUF loader."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from rayft.config import JobConfig
+from rayft.export import ExportError, VerificationError, export, merge
+from rayft.manifest import read_manifest, record_stage
+
+RANK, ALPHA = 8, 16
+
+
+def _bnb_config(storage: torch.dtype = torch.uint8):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+        bnb_4bit_quant_storage=storage,
+    )
+
+
+def _make_adapter(base: str, dest: Path, kind: str) -> None:
+    """A PEFT adapter as `rayft train` writes it; B is random so the merge changes the model."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"quantization_config": _bnb_config()} if kind == "qlora" else {}
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, **kwargs)
+    lora = LoraConfig(
+        r=RANK,
+        lora_alpha=ALPHA,
+        target_modules="all-linear",
+        use_dora=kind == "dora",
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, lora)
+    gen = torch.Generator().manual_seed(1)
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            param.data = torch.randn(param.shape, generator=gen) * 0.2
+    peft_model.save_pretrained(dest)
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    for kind in ("lora", "dora", "qlora"):
+        _make_adapter(tiny_model, root / kind, kind)
+    return {kind: root / kind for kind in ("lora", "dora", "qlora")}
+
+
+def _run(tmp_path: Path, adapter: Path | None, base: str, method: str, **export) -> JobConfig:
+    run_dir = tmp_path / "run"
+    if adapter is not None:
+        shutil.copytree(adapter, run_dir / "adapter")
+    export.setdefault("max_shard_size", "200KB")  # the tiny model is ~0.5 MB: several shards
+    return JobConfig(
+        name="tiny",
+        run_dir=str(run_dir),
+        model={"base": base},
+        training={"method": method, "lora": {"r": RANK, "alpha": ALPHA}},
+        export=export,
+    )
+
+
+def _logits(model, text_ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([text_ids])).logits[0]
+
+
+def _prompt(tokenizer) -> list[int]:
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Where is my package?"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    return tokenizer(text)["input_ids"]
+
+
+# --------------------------------------------------------------------------- merge
+
+
+def test_merge_lora_via_cli_writes_verified_sharded_model_with_card(tmp_path, tiny_model, adapters):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rayft.cli import main
+
+    cfg = _run(tmp_path, adapters["lora"], tiny_model, "lora")
+    record_stage(cfg.run_path, "prepare", cfg, data_hash="d47a0123")
+    record_stage(cfg.run_path, "train", cfg, steps=3)
+    (cfg.run_path / "eval").mkdir()
+    (cfg.run_path / "eval" / "report.json").write_text(json.dumps({"summary": {"win_rate": 0.61}}))
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+
+    assert main(["merge", str(job)]) == 0
+
+    merged_dir = cfg.run_path / "merged"
+    shards = sorted(merged_dir.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (merged_dir / "model.safetensors.index.json").exists()
+    assert not list(cfg.run_path.glob(".merged*"))  # no temporary left behind
+    tok = AutoTokenizer.from_pretrained(merged_dir)
+    assert tok.chat_template and "<|im_start|>" in tok.chat_template
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
+    assert not any("lora" in k for k in merged.state_dict())
+
+    # Independent reference: the adapter applied by PEFT on the base, unmerged.
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    ids = _prompt(tok)
+    plain = _logits(base, ids)
+    reference = _logits(PeftModel.from_pretrained(base, cfg.run_path / "adapter"), ids)
+    out = _logits(merged, ids)
+    assert (out - reference).abs().max() < 1e-4
+    assert (out - plain).abs().max() > 1e-2  # the adapter changed the function
+
+    card = (merged_dir / "README.md").read_text()
+    for expected in (tiny_model, "d47a0123", "win_rate", "method | lora", "learning_rate"):
+        assert expected in card
+    stage = read_manifest(cfg.run_path)["stages"]["merge"]
+    assert stage["verification"]["passed"] and stage["verification"]["top1_agreement"] == 1.0
+    assert stage["shards"] == [p.name for p in shards]
+
+
+def test_merge_dora(tmp_path, tiny_model, adapters):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = _run(tmp_path, adapters["dora"], tiny_model, "dora")
+    merged_dir = merge(cfg)
+    tok = AutoTokenizer.from_pretrained(merged_dir)
+    ids = _prompt(tok)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    reference = _logits(PeftModel.from_pretrained(base, cfg.run_path / "adapter"), ids)
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
+    assert (_logits(merged, ids) - reference).abs().max() < 1e-4
+    assert read_manifest(cfg.run_path)["stages"]["merge"]["verification"]["passed"]
+
+
+@pytest.mark.parametrize("zero_stage", [0, 3])
+def test_merge_qlora_targets_the_dequantized_4bit_base(tmp_path, tiny_model, adapters, zero_stage):
+    import bitsandbytes as bnb
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    cfg = _run(tmp_path, adapters["qlora"], tiny_model, "qlora")
+    cfg.training.deepspeed.zero_stage = zero_stage
+    merged_dir = merge(cfg)
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
+
+    name = "model.layers.1.self_attn.q_proj"
+    # Under ZeRO-3 training quantizes a base loaded in its bf16 storage dtype.
+    storage = torch.bfloat16 if zero_stage == 3 else torch.uint8
+    quantized = AutoModelForCausalLM.from_pretrained(
+        tiny_model,
+        dtype=torch.bfloat16 if zero_stage == 3 else torch.float32,
+        quantization_config=_bnb_config(storage),
+    )
+    layer = quantized.get_submodule(name)
+    dequantized = bnb.functional.dequantize_4bit(
+        layer.weight.data, layer.weight.quant_state
+    ).float()
+    original = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    full_precision = original.get_submodule(name).weight
+    lora = load_file(cfg.run_path / "adapter" / "adapter_model.safetensors")
+    a = lora[f"base_model.model.{name}.lora_A.weight"]
+    b = lora[f"base_model.model.{name}.lora_B.weight"]
+    delta = (ALPHA / RANK) * b @ a
+
+    got = merged.get_submodule(name).weight
+    assert torch.allclose(got, dequantized + delta, atol=1e-6)
+    # Merging into the original weights instead would be off by the 4-bit quantization error.
+    assert (got - (full_precision + delta)).abs().max() > 1e-3
+    stage = read_manifest(cfg.run_path)["stages"]["merge"]
+    assert stage["method"] == "qlora" and stage["verification"]["passed"]
+    assert stage["verification"]["rel_logit_diff"] < (1e-4 if zero_stage == 0 else 1e-2)
+
+
+def test_verification_detects_drift_and_a_failed_check_writes_nothing(
+    tmp_path, tiny_model, adapters, monkeypatch
+):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rayft.export import verify
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    ids = verify.prompt_ids(tok, ["Hello!", "Where is my package?"])
+    reference = verify.forward_logits(model, ids)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.add_(0.05)  # a merge that went wrong
+    drifted = verify.compare("drifted", "float32", reference, verify.forward_logits(model, ids))
+    assert not drifted.passed
+    with pytest.raises(VerificationError, match="relative logit diff"):
+        verify.require_pass([drifted], "merge", "hint")
+
+    # The stage turns a failed check into an error and leaves no merged/ directory.
+    monkeypatch.setitem(verify.THRESHOLDS, "float32", verify.Threshold(-1.0, 1.0))
+    cfg = _run(tmp_path, adapters["lora"], tiny_model, "lora")
+    with pytest.raises(VerificationError, match="nothing was written"):
+        merge(cfg)
+    assert not (cfg.run_path / "merged").exists()
+    assert not list(cfg.run_path.glob(".merged*"))
+    assert "merge" not in read_manifest(cfg.run_path).get("stages", {})
+
+
+# --------------------------------------------------------------------------- GGUF
+
+
+def test_permutation_is_the_inverse_of_the_transformers_gguf_loader():
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    from rayft.export.gguf_writer import permute_qk
+
+    n_head, n_kv, head_dim = 4, 2, 16
+    q = torch.randn(n_head * head_dim, 64).numpy()
+    k = torch.randn(n_kv * head_dim, 64).numpy()
+    loader = LlamaTensorProcessor({"num_attention_heads": n_head, "num_key_value_heads": n_kv})
+    q_back = loader.process(permute_qk(q, n_head, n_head), "blk.0.attn_q.weight").weights
+    k_back = loader.process(permute_qk(k, n_head, n_kv), "blk.0.attn_k.weight").weights
+    assert (q_back == q).all() and (k_back == k).all()
+    assert not (permute_qk(q, n_head, n_head) == q).all()  # it does move rows
+
+
+@pytest.fixture(scope="module")
+def merged_run(tmp_path_factory, tiny_model, adapters) -> JobConfig:
+    cfg = _run(tmp_path_factory.mktemp("gguf"), adapters["lora"], tiny_model, "lora")
+    merge(cfg)
+    return cfg
+
+
+def test_gguf_round_trip_through_transformers_loader(merged_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = merged_run.model_copy(deep=True)
+    cfg.export.gguf_types = ["f32", "f16", "q8_0"]
+    paths = export(cfg, fmt="gguf")
+    out_dir = cfg.run_path / "export"
+    assert [p.name for p in paths] == ["tiny-f32.gguf", "tiny-f16.gguf", "tiny-q8_0.gguf"]
+    assert sorted(out_dir.iterdir()) == sorted(paths)  # nothing else left behind
+
+    merged_dir = cfg.run_path / "merged"
+    tok = AutoTokenizer.from_pretrained(merged_dir)
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
+    ids = _prompt(tok)
+    reference = _logits(merged, ids)
+    gguf_tok = AutoTokenizer.from_pretrained(out_dir, gguf_file="tiny-f32.gguf")
+    assert _prompt(gguf_tok) == ids  # tokenizer and chat template survive the round trip
+    assert gguf_tok.eos_token == tok.eos_token
+    for path, atol in zip(paths, (1e-5, 5e-3, 5e-2), strict=True):
+        loaded = AutoModelForCausalLM.from_pretrained(
+            out_dir, gguf_file=path.name, dtype=torch.float32
+        )
+        assert (_logits(loaded, ids) - reference).abs().max() < atol, path.name
+
+    import gguf
+
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(paths[2]).tensors}
+    assert types["blk.0.attn_q.weight"] == "Q8_0" and types["blk.0.attn_norm.weight"] == "F32"
+    stage = read_manifest(cfg.run_path)["stages"]["export"]
+    assert set(stage["verification"]) == {"f32", "f16", "q8_0"}
+    assert stage["tensor_types"]["q8_0"]["Q8_0"] > 0 and stage["tensor_types"]["q8_0"]["F32"] > 0
+    assert all(v["passed"] for v in stage["verification"].values())
+
+
+def test_gguf_without_qk_permutation_fails_verification(merged_run, tmp_path, monkeypatch):
+    from rayft.export import gguf_writer
+
+    cfg = merged_run.model_copy(deep=True)
+    cfg.run_dir = str(tmp_path / "run")
+    shutil.copytree(merged_run.run_path / "merged", cfg.run_path / "merged")
+    cfg.export.gguf_types = ["f32"]
+    monkeypatch.setattr(gguf_writer, "permute_qk", lambda w, n_head, n_head_kv=None: w)
+    with pytest.raises(VerificationError, match="f32 GGUF"):
+        export(cfg)
+    assert list((cfg.run_path / "export").iterdir()) == []
+
+
+def test_export_needs_a_merged_model_and_a_llama(tmp_path, tiny_model):
+    cfg = _run(tmp_path, None, tiny_model, "lora")
+    with pytest.raises(ExportError, match="run `rayft merge` first"):
+        export(cfg)
+    merged = cfg.run_path / "merged"
+    shutil.copytree(tiny_model, merged)
+    config = json.loads((merged / "config.json").read_text())
+    (merged / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    with pytest.raises(ExportError, match="Llama family"):
+        export(cfg)
+    with pytest.raises(ExportError, match="only 'gguf'"):
+        export(cfg, fmt="onnx")
+
+
+# --------------------------------------------------------------------------- bad adapters
+
+
+def _variant_base(tiny_model: str, dest: Path, **changes) -> str:
+    """A tiny Llama that differs from tiny-llama in shape or depth."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(tiny_model)
+    for key, value in changes.items():
+        setattr(config, key, value)
+    AutoModelForCausalLM.from_config(config).save_pretrained(dest)
+    return str(dest)
+
+
+def test_corrupted_adapter_weights(tmp_path, tiny_model, adapters):
+    cfg = _run(tmp_path, adapters["lora"], tiny_model, "lora")
+    weights = cfg.run_path / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated copy
+    with pytest.raises(ExportError, match=r"adapter_model.safetensors: not a readable safetensors"):
+        merge(cfg)
+    weights.write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(ExportError, match="corrupted"):
+        merge(cfg)
+
+
+def test_corrupted_adapter_config(tmp_path, tiny_model, adapters):
+    cfg = _run(tmp_path, adapters["lora"], tiny_model, "lora")
+    config = cfg.run_path / "adapter" / "adapter_config.json"
+    config.write_text('{\n  "peft_type": "LORA",\n  "r": 8,,\n}')
+    with pytest.raises(ExportError, match=r"adapter_config.json:3:\d+: not valid JSON"):
+        merge(cfg)
+
+
+def test_pickle_only_adapter_is_refused_without_loading(
+    tmp_path, tiny_model, adapters, monkeypatch
+):
+    cfg = _run(tmp_path, adapters["lora"], tiny_model, "lora")
+    adapter = cfg.run_path / "adapter"
+    (adapter / "adapter_model.safetensors").unlink()
+    (adapter / "adapter_model.bin").write_bytes(b"pickle that must never be loaded")
+
+    def never(*args, **kwargs):
+        raise AssertionError("torch.load was called on a pickle")
+
+    monkeypatch.setattr(torch, "load", never)
+    with pytest.raises(ExportError, match="pickle file, which rayft refuses to load"):
+        merge(cfg)
+
+
+def test_mismatched_base_wrong_model(tmp_path, tiny_model, adapters):
+    shallow = _variant_base(tiny_model, tmp_path / "one-layer", num_hidden_layers=1)
+    cfg = _run(tmp_path, adapters["lora"], shallow, "lora")
+    with pytest.raises(ExportError, match=r"adapts module 'model.layers.1.*different base"):
+        merge(cfg)
+
+
+def test_mismatched_base_wrong_shapes(tmp_path, tiny_model, adapters):
+    wider = _variant_base(tiny_model, tmp_path / "wide", intermediate_size=96)
+    cfg = _run(tmp_path, adapters["lora"], wider, "lora")
+    with pytest.raises(ExportError, match=r"wrong shapes"):
+        merge(cfg)
+
+
+def test_mismatched_base_recorded_in_run_json(tmp_path, tiny_model, adapters):
+    from rayft.cli import main
+
+    trained = _run(tmp_path, adapters["lora"], tiny_model, "lora")
+    record_stage(trained.run_path, "train", trained)
+    other = _variant_base(tiny_model, tmp_path / "other")  # same shapes, different weights
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({**trained.model_dump(mode="json"), "model": {"base": other}}))
+    assert main(["merge", str(job)]) == 2
+    with pytest.raises(ExportError, match="trained on base .*mismatched base"):
+        merge(
+            trained.model_copy(update={"model": trained.model.model_copy(update={"base": other})})
+        )
+
+
+def test_full_fine_tune_exports_model_dir_and_has_nothing_to_merge(tmp_path, tiny_model):
+    cfg = _run(tmp_path, None, tiny_model, "full", gguf_types=["f32"])
+    with pytest.raises(ExportError, match="no adapter to merge"):
+        merge(cfg)
+    shutil.copytree(tiny_model, cfg.run_path / "model")
+    [path] = export(cfg)
+    assert path == cfg.run_path / "export" / "tiny-f32.gguf"
+    assert read_manifest(cfg.run_path)["stages"]["export"]["source"] == str(cfg.run_path / "model")
