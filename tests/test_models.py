@@ -9,7 +9,8 @@ def test_tiny_llama_is_deterministic_and_loadable(tiny_model, tmp_path, monkeypa
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     assert model.config.num_hidden_layers == 2
     text = tok.apply_chat_template(
-        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], tokenize=False
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+        tokenize=False,
     )
     assert text.startswith("<|im_start|>user\nhi<|im_end|>")
     # Building it again elsewhere gives the same weights: every process sees one model.
@@ -22,7 +23,10 @@ def test_tiny_llama_is_deterministic_and_loadable(tiny_model, tmp_path, monkeypa
 def test_resolve(tiny_model, tmp_path):
     assert models.resolve("tiny-llama") == tiny_model
     assert models.resolve(tiny_model) == tiny_model
-    assert models.resolve("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert (
+        models.resolve("HuggingFaceTB/SmolLM2-135M-Instruct")
+        == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    )
     import pytest
 
     with pytest.raises(models.ModelError, match="not a model directory"):

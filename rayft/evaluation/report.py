@@ -1,0 +1,126 @@
+"""Write report.json, report.md and report.html, and print the console summary."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _fmt(x: float | None) -> str:
+    if x is None:
+        return "—"
+    return f"{x:.3g}" if abs(x) < 1000 else f"{x:.0f}"
+
+
+def _row(metric: str, c: dict[str, Any]) -> list[str]:
+    better = "↑" if c["higher_is_better"] else "↓"
+    return [
+        f"{metric} {better}",
+        _fmt(c["base"]),
+        _fmt(c["candidate"]),
+        f"{c['delta']:+.3g}",
+        f"[{_fmt(c['ci_low'])}, {_fmt(c['ci_high'])}]",
+        f"{c['p_value']:.3g}",
+        f"{c['wins']}/{c['ties']}/{c['losses']}",
+    ]
+
+
+_HEADER = ["metric", "base", "candidate", "delta", "95% CI", "p", "win/tie/loss"]
+
+
+def write_json(report: dict[str, Any], out: Path) -> Path:
+    path = out / "report.json"
+    path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    return path
+
+
+def write_markdown(report: dict[str, Any], out: Path) -> Path:
+    lines = [f"# Evaluation: {report['run_dir']}", ""]
+    lines.append(
+        f"{report['n_examples']} test examples; tests: exact McNemar (binary metrics), Wilcoxon "
+        "signed-rank (continuous); 95% CIs by paired bootstrap. ↑ higher is better, ↓ lower."
+    )
+    for cand, metrics in report["comparisons"].items():
+        lines += ["", f"## {cand} vs base", "", "| " + " | ".join(_HEADER) + " |"]
+        lines.append("|" + "---|" * len(_HEADER))
+        for metric, c in metrics.items():
+            lines.append("| " + " | ".join(_row(metric, c)) + " |")
+    lines += ["", "## Arms", ""]
+    for name, arm in report["arms"].items():
+        where = arm["adapter"] or arm["model"]
+        lines.append(
+            f"- **{name}**: `{where}` — perplexity {_fmt(arm['metrics'].get('perplexity'))}"
+        )
+    lines += ["", "Plots and examples where the arms differ: report.html.", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+_CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;
+vertical-align:top;text-align:left}td{white-space:pre-wrap;font-size:90%}th{background:#f3f3f3}"""
+
+
+def write_html(
+    report: dict[str, Any], out: Path, plots: dict[str, str | None], max_examples: int
+) -> Path:
+    e = html.escape
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>rayft eval: {e(report['run_dir'])}"
+        f"</title><style>{_CSS}</style></head><body>",
+        f"<h1>Evaluation of {e(report['run_dir'])}</h1>",
+        f"<p>{report['n_examples']} test examples. Binary metrics: exact McNemar test; continuous: "
+        "Wilcoxon signed-rank; 95% confidence intervals by paired bootstrap. ↑ higher is better, "
+        "↓ lower is better.</p>",
+    ]
+    for cand, metrics in report["comparisons"].items():
+        parts.append(f"<h2>{e(cand)} vs base</h2>")
+        parts.append(_table(_HEADER, [_row(m, c) for m, c in metrics.items()]))
+    titles = {"loss": "Training and validation loss", "deltas": "Differences with 95% CIs"}
+    for key, title in titles.items():
+        parts.append(f"<h2>{title}</h2>")
+        if plots.get(key):
+            parts.append(f"<img alt='{key}' src='data:image/png;base64,{plots[key]}'>")
+        else:
+            parts.append("<p>No data (metrics.jsonl missing or empty).</p>")
+    arms = list(report["arms"])
+    differ = [x for x in report["examples"] if len({x["answers"][a] for a in arms}) > 1]
+    parts.append(
+        f"<h2>Examples where the arms differ ({len(differ)} of {report['n_examples']}, "
+        f"first {min(len(differ), max_examples)} shown)</h2>"
+    )
+    rows = [
+        [x["id"], x["prompt"], x["reference"], *(x["answers"][a] for a in arms)] for x in differ
+    ]
+    parts.append(_table(["id", "prompt", "reference", *arms], rows[:max_examples]))
+    parts.append("</body></html>")
+    path = out / "report.html"
+    path.write_text("\n".join(parts))
+    return path
+
+
+def print_summary(report: dict[str, Any], html_path: Path, console: Console | None = None) -> None:
+    console = console or Console()
+    for cand, metrics in report["comparisons"].items():
+        table = Table(title=f"{cand} vs base ({report['n_examples']} test examples)")
+        for h in _HEADER:
+            table.add_column(h, justify="left" if h == "metric" else "right")
+        for metric, c in metrics.items():
+            significant = c["p_value"] < 0.05 and (c["ci_low"] > 0 or c["ci_high"] < 0)
+            table.add_row(*_row(metric, c), style="bold" if significant else None)
+        console.print(table)
+    console.print(f"report: {html_path}")

@@ -1,0 +1,212 @@
+"""`rayft eval`: base vs fine-tuned candidates on the held-out test split."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rayft.cluster.connect import local_cpus, ray_session
+from rayft.config import JobConfig
+from rayft.evaluation import plots, report
+from rayft.evaluation.arms import Arm, base_arm, candidate_arm
+from rayft.evaluation.checks import run_check
+from rayft.evaluation.generate import score_arm
+from rayft.evaluation.judge import judge_pairs
+from rayft.evaluation.metrics import corpus_bleu, text_metrics
+from rayft.evaluation.stats import paired_compare
+from rayft.evaluation.testset import EvalError, Example, load_general_text, load_test_split
+from rayft.manifest import record_stage
+
+# Per-example metrics: name -> (kind, higher_is_better). Checks are added as check:<name>.
+_METRICS = {
+    "exact_match": ("binary", True),
+    "token_f1": ("continuous", True),
+    "rouge_l": ("continuous", True),
+    "bleu": ("continuous", True),
+    "nll": ("continuous", False),
+}
+
+
+@dataclass(frozen=True)
+class EvalArtifacts:
+    report_json: Path
+    report_md: Path
+    report_html: Path
+    report: dict[str, Any]
+
+
+def _rows(examples: list[Example], texts: list[str]) -> list[dict[str, Any]]:
+    rows = [
+        {"idx": i, "kind": "test", "prompt": json.dumps(e.prompt), "reference": e.reference}
+        for i, e in enumerate(examples)
+    ]
+    n = len(rows)
+    rows += [
+        {"idx": n + i, "kind": "text", "prompt": "", "reference": t} for i, t in enumerate(texts)
+    ]
+    return rows
+
+
+def _per_token(results: list[dict[str, Any]]) -> np.ndarray:
+    return np.array([r["nll_sum"] / max(1, int(r["n_tokens"])) for r in results])
+
+
+def _score(
+    results: list[dict[str, Any]], examples: list[Example], cfg: JobConfig
+) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Per-example scores of one arm and its arm-level numbers."""
+    answers = [r["answer"] for r in results]
+    per = [text_metrics(a, e.reference) for a, e in zip(answers, examples, strict=True)]
+    scores = {
+        m: np.array([p[m] for p in per]) for m in ("exact_match", "token_f1", "rouge_l", "bleu")
+    }
+    scores["nll"] = _per_token(results)
+    for check in cfg.eval.checks:
+        scores[f"check:{check.name}"] = np.array([float(run_check(check, a)) for a in answers])
+    nll_sum = sum(r["nll_sum"] for r in results)
+    n_tok = sum(int(r["n_tokens"]) for r in results)
+    summary = {m: float(v.mean()) for m, v in scores.items()}
+    summary["perplexity"] = math.exp(nll_sum / max(1, n_tok))
+    summary["bleu_corpus"] = corpus_bleu(answers, [e.reference for e in examples])
+    return scores, summary
+
+
+def _prompt_text(messages: list[dict[str, str]]) -> str:
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+
+def evaluate(cfg: JobConfig) -> EvalArtifacts:
+    """Score the base and every candidate on the test split; write `<run_dir>/eval/report.*`."""
+    started = time.time()
+    ev = cfg.eval
+    run_dir = cfg.run_path
+    examples = load_test_split(run_dir, ev.max_examples)
+    texts = load_general_text() if ev.forgetting else []
+    base = base_arm(cfg.model.base, cfg.model.revision)
+    if len(set(ev.candidates)) != len(ev.candidates) or "base" in ev.candidates:
+        raise EvalError(f"eval.candidates: names must be unique and not 'base': {ev.candidates}")
+    arms: list[Arm] = [base] + [candidate_arm(c, run_dir, base.model) for c in ev.candidates]
+    rows = _rows(examples, texts)
+    n = len(examples)
+
+    results: dict[str, list[dict[str, Any]]] = {}
+    with ray_session(
+        cfg.cluster.address,
+        num_cpus=local_cpus(cfg.cluster.num_workers, cfg.cluster.cpus_per_worker),
+    ):
+        for arm in arms:
+            results[arm.name] = score_arm(
+                rows,
+                arm,
+                max_new_tokens=ev.max_new_tokens,
+                do_sample=ev.do_sample,
+                temperature=ev.temperature,
+                seed=ev.seed,
+                batch_size=ev.batch_size,
+                num_replicas=ev.num_replicas,
+                use_gpu=cfg.cluster.use_gpu,
+            )
+
+    scores: dict[str, dict[str, np.ndarray]] = {}
+    arm_report: dict[str, Any] = {}
+    for arm in arms:
+        scores[arm.name], summary = _score(results[arm.name][:n], examples, cfg)
+        if texts:
+            general = results[arm.name][n:]
+            scores[arm.name]["general_nll"] = _per_token(general)
+            total = sum(r["nll_sum"] for r in general) / max(
+                1, sum(int(r["n_tokens"]) for r in general)
+            )
+            summary["general_perplexity"] = math.exp(total)
+        arm_report[arm.name] = {"model": arm.model, "adapter": arm.adapter, "metrics": summary}
+
+    kinds = {**_METRICS, **{f"check:{c.name}": ("binary", True) for c in ev.checks}}
+    if texts:
+        kinds["general_nll"] = ("continuous", False)
+    answers = {a.name: [r["answer"] for r in results[a.name][:n]] for a in arms}
+    comparisons: dict[str, dict[str, Any]] = {}
+    for arm in arms[1:]:
+        comparisons[arm.name] = {
+            metric: paired_compare(
+                scores["base"][metric],
+                scores[arm.name][metric],
+                kind=kind,
+                higher_is_better=higher,
+                samples=ev.bootstrap_samples,
+                seed=ev.seed,
+            )
+            for metric, (kind, higher) in kinds.items()
+        }
+        if ev.judge:
+            judged = judge_pairs(
+                [_prompt_text(e.prompt) for e in examples],
+                [e.reference for e in examples],
+                answers["base"],
+                answers[arm.name],
+                base_url=ev.judge.base_url,
+                model=ev.judge.model,
+                api_key_env=ev.judge.api_key_env,
+            )
+            # The judge scores the candidate against the base directly: compare with 0.5 (a tie).
+            comparisons[arm.name]["judge"] = paired_compare(
+                np.full(n, 0.5), np.array(judged), samples=ev.bootstrap_samples, seed=ev.seed
+            )
+
+    doc = {
+        "run_dir": str(run_dir),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "config_hash": cfg.digest(),
+        "settings": ev.model_dump(mode="json"),
+        "n_examples": n,
+        "n_general_texts": len(texts),
+        "arms": arm_report,
+        "comparisons": comparisons,
+        "examples": [
+            {
+                "id": e.id,
+                "prompt": e.prompt[-1]["content"],
+                "reference": e.reference,
+                "answers": {a: answers[a][i] for a in answers},
+                "scores": {
+                    a: {m: float(v[i]) for m, v in scores[a].items() if m != "general_nll"}
+                    for a in answers
+                },
+            }
+            for i, e in enumerate(examples)
+        ],
+    }
+    out = run_dir / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    figures = {
+        "loss": plots.loss_plot(plots.read_loss_curves(run_dir / "metrics.jsonl")),
+        "deltas": plots.delta_plot(comparisons),
+    }
+    paths = EvalArtifacts(
+        report.write_json(doc, out),
+        report.write_markdown(doc, out),
+        report.write_html(doc, out, figures, ev.max_report_examples),
+        doc,
+    )
+    record_stage(
+        run_dir,
+        "eval",
+        cfg,
+        report=str(paths.report_html),
+        examples=n,
+        seconds=round(time.time() - started, 1),
+        deltas={
+            cand: {
+                m: {k: c[k] for k in ("delta", "ci_low", "ci_high", "p_value")}
+                for m, c in per.items()
+            }
+            for cand, per in comparisons.items()
+        },
+    )
+    report.print_summary(doc, paths.report_html)
+    return paths
