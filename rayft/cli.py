@@ -140,26 +140,51 @@ def cmd_cluster_status(args: argparse.Namespace) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     from rayft.cluster import submit
 
+    # REMAINDER takes everything after CONFIG, so `CONFIG --address X -- STAGE` arrives as
+    # stage_args ['--address', 'X', '--', 'STAGE']: options before `--` are rayft submit's own.
+    rest = list(args.stage_args)
+    if "--" in rest:
+        cut = rest.index("--")
+        options, rest = rest[:cut], rest[cut + 1 :]
+        if options:
+            args.submit_parser.parse_args([*options, args.config], namespace=args)
+    args.stage_args = rest
+    load_config(args.config, args.overrides)  # a bad job file fails here, not on the cluster
     return submit(
         args.config,
         args.stage_args,
         address=args.address,
         overrides=args.overrides,
         follow=not args.no_follow,
+        project=args.project,
     )
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     from rayft.cluster import jobs
 
-    return jobs(args.action, job_id=args.job_id, address=args.address)
+    return jobs(args.action, job_id=args.job_id, address=args.address, follow=args.follow)
 
 
 def cmd_k8s_render(args: argparse.Namespace) -> int:
-    from rayft.cluster import render
+    from rayft.cluster.k8s import object_name, render
 
-    for path in render(_load(args), Path(args.out), config_path=args.config):
-        print(path)
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out)
+    paths = render(cfg, out, config_path=args.config, overrides=args.overrides)
+    for path in paths:
+        print(f"wrote {path}")
+    name = object_name(cfg)
+    ns = cfg.cluster.k8s.namespace
+    steps = [
+        (f"kubectl apply -k {out}", "ConfigMap, PVC, RayJob: prepare + train"),
+        (f"kubectl -n {ns} logs -f job/{name}-train", "follow the run"),
+        (f"kubectl apply -f {out / 'rayservice.yaml'}", "serve, once the RayJob succeeded"),
+    ]
+    width = max(len(cmd) for cmd, _ in steps)
+    print("next:")
+    for cmd, why in steps:
+        print(f"  {cmd:<{width}}  # {why}")
     return 0
 
 
@@ -224,27 +249,55 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cluster", help="Ray clusters").add_subparsers(dest="cluster", required=True)
     s = p.add_parser("status", help="nodes, CPUs/GPUs and running rayft jobs")
-    s.add_argument("--address", help="Ray address (default: RAY_ADDRESS)")
+    s.add_argument(
+        "--address",
+        help="GCS (HEAD:6379) or dashboard (http://HEAD:8265) address (default: RAY_ADDRESS; "
+        "neither: an embedded local Ray)",
+    )
     s.set_defaults(func=cmd_cluster_status)
 
     p = sub.add_parser(
-        "submit", help="run a stage as a Ray Job: rayft submit CONFIG -- STAGE [ARGS]"
+        "submit",
+        help="run a stage as a Ray Job: rayft submit CONFIG -- STAGE [ARGS]",
+        description="Token-authenticated clusters: set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH).",
     )
-    _config_args(p)
+    p.add_argument("config", help="job file (YAML), inside the project directory")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key on the cluster, e.g. --set training.max_steps=20",
+    )
+    p.add_argument("--address", help="Ray dashboard, e.g. http://HEAD:8265 (default: RAY_ADDRESS)")
+    p.add_argument(
+        "--project",
+        help="directory uploaded as the job's working_dir (default: the current directory)",
+    )
     p.add_argument("--no-follow", action="store_true", help="return after submitting")
     p.add_argument("stage_args", nargs=argparse.REMAINDER, help="-- STAGE [ARGS]")
-    p.set_defaults(func=cmd_submit)
+    p.set_defaults(func=cmd_submit, submit_parser=p)
 
     p = sub.add_parser("jobs", help="Ray Jobs submitted by rayft")
     p.add_argument("action", choices=["list", "logs", "stop"])
     p.add_argument("job_id", nargs="?")
     p.add_argument("--address", help="Ray dashboard address (default: RAY_ADDRESS)")
+    p.add_argument("--follow", "-f", action="store_true", help="logs: stream until the job ends")
     p.set_defaults(func=cmd_jobs)
 
     p = sub.add_parser("k8s", help="KubeRay").add_subparsers(dest="k8s", required=True)
     s = p.add_parser("render", help="render RayJob / RayService manifests")
-    _config_args(s)
-    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("config", help="job file (YAML)")
+    s.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set cluster.k8s.namespace=ml (repeatable)",
+    )
+    s.add_argument("--out", required=True, help="output directory (one file per object)")
     s.set_defaults(func=cmd_k8s_render)
     return parser
 

@@ -228,6 +228,34 @@ class K8sConfig(_Section):
     head_memory: str = Field("16Gi", description="Memory of the head pod.")
     worker_cpus: int = Field(8, ge=1, description="CPUs per worker pod.")
     worker_memory: str = Field("64Gi", description="Memory per worker pod.")
+    ray_version: str = Field(
+        "2.60.0",
+        description="Ray version inside `image` (KubeRay rayVersion; token auth needs >= 2.52).",
+    )
+    auth_secret: str | None = Field(
+        None,
+        description="Secret (key `auth_token`) with the Ray token; None: KubeRay generates one "
+        "per Ray cluster. Name one to keep the token stable across RayService upgrades.",
+    )
+    env_secret: str | None = Field(
+        "rayft-env",
+        description="Secret whose keys become env vars in every pod (HF_TOKEN, AWS_*, "
+        "RAYFT_API_KEY); optional: pods start without it.",
+    )
+    service_account: str | None = Field(None, description="ServiceAccount of the Ray pods.")
+    image_pull_secrets: list[str] = Field(
+        default_factory=list, description="Secrets for pulling `image` from a private registry."
+    )
+    storage_size: str = Field("500Gi", description="Size of the rendered PVC (pvc: storage).")
+    storage_class: str | None = Field(
+        None, description="StorageClass of the rendered PVC (None: the cluster default)."
+    )
+    backoff_limit: int = Field(
+        2, ge=0, description="RayJob retries, each on a fresh Ray cluster; train resumes."
+    )
+    ttl_seconds_after_finished: int = Field(
+        3600, ge=0, description="Seconds the finished RayJob's Ray cluster lingers for logs."
+    )
 
 
 class ClusterConfig(_Section):

@@ -98,6 +98,7 @@ def build_app(cfg: JobConfig):
             s.max_batch_size,
             s.batch_wait_ms / 1000,
             max(1, int(s.cpus_per_replica)),
+            s.gpus_per_replica,
         )
         for name, path in settings.model_dirs.items()
     }

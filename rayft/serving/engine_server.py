@@ -17,11 +17,18 @@ from ray import serve
 from rayft.serving.protocol import GenRequest, GenResult
 
 
-def make_engine(kind: str, model_path: str, max_loaded_adapters: int, max_lora_rank: int):
+def make_engine(
+    kind: str, model_path: str, max_loaded_adapters: int, max_lora_rank: int, gpus: float = 0
+):
     if kind == "vllm":
         from rayft.serving.vllm_engine import VllmEngine
 
-        return VllmEngine(model_path, max_loras=max_loaded_adapters, max_lora_rank=max_lora_rank)
+        return VllmEngine(
+            model_path,
+            max_loras=max_loaded_adapters,
+            max_lora_rank=max_lora_rank,
+            tensor_parallel_size=max(1, int(gpus)),  # a replica's GPUs shard the model
+        )
     from rayft.serving.hf_engine import TransformersEngine
 
     return TransformersEngine(model_path, max_loaded_adapters, max_lora_rank)
@@ -38,12 +45,13 @@ class EngineServer:
         max_batch_size: int,
         batch_wait_s: float,
         threads: int,
+        gpus: float = 0,
     ):
         import torch
 
         # Replicas share the machine's cores with each other: oversubscribed BLAS threads thrash.
         torch.set_num_threads(max(1, threads))
-        self.engine = make_engine(kind, model_path, max_loaded_adapters, max_lora_rank)
+        self.engine = make_engine(kind, model_path, max_loaded_adapters, max_lora_rank, gpus)
         self.generate_batch.set_max_batch_size(max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(batch_wait_s)
 

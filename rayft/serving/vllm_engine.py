@@ -30,11 +30,21 @@ def _import_vllm():
 
 
 class VllmEngine:
-    def __init__(self, model_path: str, max_loras: int = 16, max_lora_rank: int = 64):
+    def __init__(
+        self,
+        model_path: str,
+        max_loras: int = 16,
+        max_lora_rank: int = 64,
+        tensor_parallel_size: int = 1,
+    ):
         vllm = _import_vllm()
         self._vllm = vllm
         self.llm = vllm.LLM(
-            model=model_path, enable_lora=True, max_loras=max_loras, max_lora_rank=max_lora_rank
+            model=model_path,
+            enable_lora=True,
+            max_loras=max_loras,
+            max_lora_rank=max_lora_rank,
+            tensor_parallel_size=tensor_parallel_size,
         )
         self._ids: dict[str, int] = {}  # adapter key -> vLLM's integer LoRA id
         self._lock = threading.Lock()
