@@ -7,18 +7,21 @@ STAMP := $(VENV)/.rayft-installed
 # pytest arguments, e.g. make test ARGS="-k data -x"
 ARGS ?=
 
-.PHONY: setup models quickstart test lint format bench clean
+.PHONY: setup models quickstart test lint format bench k8s lock clean
 
 setup: $(STAMP)
 
 # Order matters: the CPU torch wheel first (a bare `torch` requirement would pull CUDA builds),
 # then deepspeed without build isolation (its setup imports torch), then rayft itself.
-$(STAMP): pyproject.toml Makefile
+# constraints.txt pins every package to the versions the suite last passed with: a fresh
+# resolution once picked a TRL release whose fused LM head is broken without Triton (CPU).
+PIP := $(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt
+$(STAMP): pyproject.toml Makefile constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip setuptools wheel
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q --no-build-isolation "deepspeed>=0.19,<0.20"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade "pip>=24" setuptools wheel
+	$(PIP) torch==2.13.0
+	$(PIP) --no-build-isolation deepspeed
+	$(PIP) -e ".[dev]"
 	touch $@
 
 models: setup
@@ -40,6 +43,17 @@ format: setup
 
 bench: models
 	$(BIN)/python benchmarks/run_all.py
+
+# Render the KubeRay manifests of the example configs (tests check they stay in sync).
+k8s: setup
+	for c in quickstart llama-3-8b-qlora llama-3-70b-lora-zero3; do \
+		$(BIN)/rayft k8s render configs/$$c.yaml --out k8s/rendered/$$c; done
+
+# Re-pin constraints.txt to what is installed now (after upgrading and passing `make test`).
+lock: setup
+	{ sed -n 1,3p constraints.txt; $(BIN)/python -m pip freeze --exclude-editable | \
+		grep -v '^rayft' | sed 's/+cpu$$//'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
