@@ -15,16 +15,20 @@ from rayft.config import JobConfig, dump_config, field_help, load_config
 from rayft.errors import RayftError
 
 
-def _config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("config", nargs=None if required else "?", help="job file (YAML)")
+def _set_arg(p: argparse.ArgumentParser, example: str = "training.max_steps=20") -> None:
     p.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config key, e.g. --set training.max_steps=20 (repeatable)",
+        help=f"override a config key, e.g. --set {example} (repeatable)",
     )
+
+
+def _config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("config", nargs=None if required else "?", help="job file (YAML)")
+    _set_arg(p)
     p.add_argument(
         "--address", help="Ray address of an existing cluster (default: RAY_ADDRESS or embedded)"
     )
@@ -262,14 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Token-authenticated clusters: set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH).",
     )
     p.add_argument("config", help="job file (YAML), inside the project directory")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key on the cluster, e.g. --set training.max_steps=20",
-    )
+    _set_arg(p)
     p.add_argument("--address", help="Ray dashboard, e.g. http://HEAD:8265 (default: RAY_ADDRESS)")
     p.add_argument(
         "--project",
@@ -289,14 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("k8s", help="KubeRay").add_subparsers(dest="k8s", required=True)
     s = p.add_parser("render", help="render RayJob / RayService manifests")
     s.add_argument("config", help="job file (YAML)")
-    s.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set cluster.k8s.namespace=ml (repeatable)",
-    )
+    _set_arg(s, "cluster.k8s.namespace=ml")
     s.add_argument("--out", required=True, help="output directory (one file per object)")
     s.set_defaults(func=cmd_k8s_render)
     return parser

@@ -201,6 +201,12 @@ class TrainingConfig(_Section):
         None, ge=1, description="Checkpoint every N steps (None: at the end)."
     )
     keep_checkpoints: int = Field(2, ge=1, description="Keep the N best checkpoints by eval loss.")
+    shard_cache_mb: int = Field(
+        512,
+        ge=0,
+        description="Keep each worker's training shard in memory after the first epoch when it "
+        "fits in this many MiB (later epochs then skip a Ray Data re-read); 0 streams every epoch.",
+    )
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA / DoRA / QLoRA adapter.")
     quantization: QuantConfig = Field(default_factory=QuantConfig, description="QLoRA 4-bit base.")
     deepspeed: DeepSpeedConfig = Field(

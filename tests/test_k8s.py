@@ -268,13 +268,13 @@ def test_serve_config_names_the_app_builder_and_bounds(tmp_path: Path) -> None:
     assert cluster["enableInTreeAutoscaling"] is True
 
 
-def test_vllm_replicas_get_a_gpu_each(tmp_path: Path) -> None:
+def test_vllm_replicas_get_their_gpus(tmp_path: Path) -> None:
     objs = render(tmp_path, ROOT / "configs/llama-3-70b-lora-zero3.yaml")
     serve = yaml.safe_load(objs["rayservice.yaml"]["spec"]["serveConfigV2"])
     engine = serve["applications"][0]["deployments"][0]
-    assert engine["num_replicas"] == 2 and engine["ray_actor_options"]["num_gpus"] == 1
+    assert engine["num_replicas"] == 2 and engine["ray_actor_options"]["num_gpus"] == 4
     (group,) = objs["rayservice.yaml"]["spec"]["rayClusterConfig"]["workerGroupSpecs"]
-    assert group["replicas"] == 1  # two 1-GPU replicas fit on one 8-GPU node
+    assert group["replicas"] == 1  # two 4-GPU replicas fit on one 8-GPU node
     with pytest.raises(k8s.RenderError, match="cannot span nodes"):
         render(tmp_path, ROOT / "configs/llama-3-8b-qlora.yaml", "serve.gpus_per_replica=2")
 

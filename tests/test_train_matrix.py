@@ -1,4 +1,5 @@
-"""Methods x DeepSpeed ZeRO stages on 2 CPU workers, each fresh and resumed in one run.
+"""{LoRA, QLoRA, full} x DeepSpeed ZeRO {0, 2, 3}, and DoRA, on 2 CPU workers, each fresh and
+resumed in one run.
 
 Every run loses a worker (SIGKILL at step 3) and has max_failures=1, so Ray Train restarts the
 workers from the step-2 checkpoint: the same restore path as `--resume` (ray.train.get_checkpoint
@@ -62,10 +63,10 @@ def _load_adapter(adapter_dir):
     return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter_dir)
 
 
-@pytest.mark.parametrize(
-    ("method", "zero"),
-    [("lora", 3), ("qlora", 3), ("full", 2), ("dora", 0)],
-)
+MATRIX = [(m, z) for m in ("lora", "qlora", "full") for z in (0, 2, 3)] + [("dora", 0), ("dora", 3)]
+
+
+@pytest.mark.parametrize(("method", "zero"), MATRIX)
 def test_method_x_zero_fresh_and_resumed(
     ray_local, tiny_model, tmp_path, monkeypatch, method, zero
 ):

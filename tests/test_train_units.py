@@ -175,3 +175,50 @@ def test_missing_data_says_to_run_prepare(tmp_path):
 
     with pytest.raises(TrainDataError, match="rayft prepare"):
         train(_cfg(tmp_path))
+
+
+class _CountingShard:
+    """A real Ray DataIterator that counts the passes started over it."""
+
+    def __init__(self, it):
+        self.it, self.passes = it, 0
+
+    def iter_batches(self, **kwargs):
+        self.passes += 1
+        return self.it.iter_batches(**kwargs)
+
+
+def _epochs(shard, n_rows: int, epochs: int, cache_bytes: int) -> list[list[tuple]]:
+    from itertools import islice
+
+    from rayft.training.data import endless_rows
+
+    rows = list(islice(endless_rows(shard, "sft", 7, cache_bytes=cache_bytes), n_rows * epochs))
+    keys = [(r["input_ids"][0], len(r["input_ids"])) for r in rows]
+    return [keys[i * n_rows : (i + 1) * n_rows] for i in range(epochs)]
+
+
+def test_shard_cache_replays_epochs_without_rereading(ray_local):
+    import ray.data
+
+    n = 40
+    lengths = [3 + i % 5 for i in range(n)]
+    items = [
+        {"input_ids": [i] * k, "labels": [i] * k, "position_ids": list(range(k))}
+        for i, k in enumerate(lengths)
+    ]
+    ds = ray.data.from_items(items)
+
+    cached = _CountingShard(ds.iterator())
+    a = _epochs(cached, n, 4, cache_bytes=2**20)
+    assert cached.passes == 1  # epochs 1..3 come from the cache
+    assert all(sorted(e) == sorted(a[0]) for e in a)  # every epoch is the whole shard once
+    assert len({tuple(e) for e in a}) == 4  # each epoch in its own order
+
+    again = _CountingShard(ds.iterator())
+    assert _epochs(again, n, 4, cache_bytes=2**20) == a  # deterministic: resume replays it
+
+    tiny_cache = _CountingShard(ds.iterator())
+    b = _epochs(tiny_cache, n, 3, cache_bytes=100)  # the shard outgrows it: stream each epoch
+    assert tiny_cache.passes == 3
+    assert b[0] == a[0] and all(sorted(e) == sorted(a[0]) for e in b)

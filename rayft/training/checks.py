@@ -28,11 +28,6 @@ def problems(cfg: JobConfig, data_kind: str) -> list[str]:
             "training.objective=dpo but the prepared data is SFT (no chosen/rejected pairs): "
             "prepare preference data (data.format: preference) or use objective sft"
         )
-    if objective == "dpo" and data_kind == "preference":
-        out.append(
-            "DPO (preference data) is not available in this version of `rayft train`: its TRL "
-            "DPOTrainer stalls on the per-worker Ray Data stream; train SFT on chat data instead"
-        )
     if objective == "sft" and data_kind == "preference":
         out.append(
             "training.objective=sft but the prepared data holds preference pairs: use objective "

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from rayft.errors import RayftError
@@ -95,14 +96,29 @@ def _rows(batch: dict[str, Any], kind: str) -> Iterator[dict[str, Any]]:
             }
 
 
-def endless_rows(shard, kind: str, seed: int, shuffle_buffer: int = 64) -> Iterator[dict[str, Any]]:
+def endless_rows(
+    shard, kind: str, seed: int, shuffle_buffer: int = 64, cache_bytes: int = 0
+) -> Iterator[dict[str, Any]]:
     """This worker's shard, epoch after epoch; epoch e is shuffled locally with seed + e.
 
     One endless stream lets the HF Trainer count steps across epochs, so resuming skips exactly
     `global_step x accumulation` batches of the same stream an uninterrupted run saw.
+
+    Every pass over a Ray Data shard starts a new execution (planning, read tasks; seconds each
+    on a small machine), which dominates training on a small dataset of many short epochs. So
+    the first epoch is kept (as int32 arrays) when this worker's rows fit in `cache_bytes`, and
+    later epochs are seeded permutations of it: still deterministic, still only this worker's
+    rows. A shard that outgrows the cache is streamed again every epoch.
     """
+    cache: list[dict[str, np.ndarray]] | None = [] if kind == "sft" and cache_bytes > 0 else None
+    size = 0
     epoch = 0
     while True:
+        if epoch > 0 and cache is not None:
+            for i in np.random.default_rng(seed + epoch).permutation(len(cache)):
+                yield {k: v.tolist() for k, v in cache[i].items()}
+            epoch += 1
+            continue
         empty = True
         for batch in shard.iter_batches(
             batch_size=32,
@@ -110,8 +126,16 @@ def endless_rows(shard, kind: str, seed: int, shuffle_buffer: int = 64) -> Itera
             local_shuffle_buffer_size=shuffle_buffer,
             local_shuffle_seed=seed + epoch,
         ):
-            empty = False
-            yield from _rows(batch, kind)
+            for row in _rows(batch, kind):
+                empty = False
+                if epoch == 0 and cache is not None:
+                    kept = {k: np.asarray(v, dtype=np.int32) for k, v in row.items()}
+                    size += sum(a.nbytes for a in kept.values())
+                    if size <= cache_bytes:
+                        cache.append(kept)
+                    else:
+                        cache = None
+                yield row
         if empty:
             raise TrainDataError("this worker's training shard is empty: fewer rows than workers")
         epoch += 1

@@ -162,6 +162,9 @@ def _worker_config(
         "precision": precision,
         "seed": t.seed,
         "has_validation": has_val,
+        "dpo_beta": t.dpo_beta,
+        "shard_cache_bytes": t.shard_cache_mb * 2**20,
+        "max_seq_len": cfg.data.max_seq_len,
         "hf": hf,
         "fault": _fault_from_env(),
     }

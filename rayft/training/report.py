@@ -1,10 +1,15 @@
 """Metrics and checkpoints from the workers to Ray Train, and from Ray Train to the run dir.
 
-`RayReport` runs in every worker (an HF TrainerCallback): each HF log becomes a
-`ray.train.report`, each HF checkpoint a Ray Train checkpoint. `ray.train.report` is a collective
-in Train V2, so every rank reports at the same points (HF calls on_log/on_save on all ranks).
+`RayReport` runs in every worker (an HF TrainerCallback). `ray.train.report` is a collective
+in Train V2 (every rank reports at the same points; HF calls on_log/on_save/on_train_end on all
+ranks) and costs a synchronisation with the controller, so HF logs are buffered in the worker and
+sent in one report at each evaluation, each checkpoint (with the Ray Train checkpoint) and at the
+end, instead of one report per step. Rank 0 prints each step as it happens, so progress still
+reaches the driver.
 `MetricsFile` runs in the Ray Train controller, which Ray pins to the driver's node: it appends
-rank 0's metrics to `<run_dir>/metrics.jsonl` and prints progress the driver can see.
+rank 0's buffered rows to `<run_dir>/metrics.jsonl` and prints evaluations and checkpoints.
+Rows logged after the last checkpoint of a worker that dies are lost with it; the restored run
+logs those steps again, so every step appears once.
 """
 
 from __future__ import annotations
@@ -28,30 +33,50 @@ def checkpoint_dir_name(step: int) -> str:
 class RayReport(TrainerCallback):
     """Report HF logs and checkpoints to Ray Train; optional fault injection for tests."""
 
-    def __init__(self, fault: dict[str, Any] | None = None) -> None:
+    def __init__(self, fault: dict[str, Any] | None = None, max_steps: int = 0) -> None:
         self.fault = fault or {}
+        self.max_steps = max_steps
         self.last: dict[str, float] = {}
+        self.rows: list[dict[str, Any]] = []  # logged since the last report
         self.t0 = time.perf_counter()
         self.tokens0: int | None = None
+        self.rank = ray.train.get_context().get_world_rank()
+        self.node_id = ray.get_runtime_context().get_node_id()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = dict(logs or {})
-        metrics: dict[str, Any] = {"event": "log", "step": state.global_step, "time": time.time()}
-        metrics.update({k: float(v) for k, v in logs.items() if isinstance(v, (int, float))})
-        if "eval_loss" in metrics:
-            metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
+        row: dict[str, Any] = {"step": state.global_step, "time": time.time()}
+        row.update({k: float(v) for k, v in logs.items() if isinstance(v, (int, float))})
+        if "eval_loss" in row:
+            row["eval_perplexity"] = math.exp(min(row["eval_loss"], 50.0))
         tokens = int(state.num_input_tokens_seen or 0)
-        metrics["tokens"] = tokens
-        if "loss" in metrics:
+        row["tokens"] = tokens
+        if "loss" in row:
             now = time.perf_counter()
             if self.tokens0 is not None and now > self.t0:
-                metrics["tokens_per_s"] = (tokens - self.tokens0) / (now - self.t0)
+                row["tokens_per_s"] = (tokens - self.tokens0) / (now - self.t0)
             self.t0, self.tokens0 = now, tokens
         for key in ("loss", "eval_loss"):
-            if key in metrics:
-                self.last[key] = metrics[key]
-        metrics["node_id"] = ray.get_runtime_context().get_node_id()
-        ray.train.report(metrics)
+            if key in row:
+                self.last[key] = row[key]
+        self.rows.append(row)
+        if self.rank == 0 and "loss" in row:
+            print(f"[rayft train] step {row['step']}/{self.max_steps} {_shown(row)}", flush=True)
+        if "eval_loss" in row:
+            self._report("log")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.rows:  # the same on every rank: all log at the same steps
+            self._report("log")
+
+    def _report(self, event: str, step: int | None = None, **checkpoint: Any) -> None:
+        """One collective report of the buffered rows. A checkpoint report carries the latest
+        losses at top level: Ray Train keeps the N best checkpoints by `eval_loss`."""
+        rows, self.rows = self.rows, []
+        metrics = {"event": event, "rows": rows, "node_id": self.node_id}
+        if step is not None:
+            metrics.update(self.last, step=step)
+        ray.train.report(metrics, **checkpoint)
 
     def on_step_end(self, args, state, control, **kwargs):
         kill = self.fault.get("sigkill")
@@ -65,14 +90,13 @@ class RayReport(TrainerCallback):
         step = state.global_step
         local = Path(args.output_dir) / f"checkpoint-{step}"
         name = checkpoint_dir_name(step)
-        metrics = {"event": "checkpoint", "step": step, "tokens": int(state.num_input_tokens_seen)}
-        metrics.update(self.last)
         crash = self.fault.get("crash_in_upload")
         upload_fn = None
         if crash and _fires(crash, step):
             upload_fn = _half_upload_then_die(crash["dest"], name)
-        ray.train.report(
-            metrics,
+        self._report(
+            "checkpoint",
+            step=step,
             checkpoint=ray.train.Checkpoint.from_directory(str(local)),
             checkpoint_dir_name=name,
             checkpoint_upload_fn=upload_fn,
@@ -124,20 +148,23 @@ class MetricsFile(ray.train.UserCallback):
             nodes = [{"rank": i, "node_id": m["node_id"]} for i, m in enumerate(metrics)]
             (run_dir / "workers.json").write_text(json.dumps(nodes, indent=2) + "\n")
             self.nodes_written = True
-        first = metrics[0]
-        if first.get("event") == "checkpoint":
-            if checkpoint is not None:
+        rows = metrics[0].get("rows", [])
+        if rows:
+            with open(run_dir / "metrics.jsonl", "a") as f:
+                f.writelines(json.dumps(row) + "\n" for row in rows)
+        for row in rows:
+            if "eval_loss" in row:
                 print(
-                    f"[rayft train] step {first['step']}: checkpoint {checkpoint.path}", flush=True
+                    f"[rayft train] step {row['step']}/{self.max_steps} {_shown(row)}", flush=True
                 )
-            return
-        row = {k: v for k, v in first.items() if k not in ("event", "node_id")}
-        with open(run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-        shown = " ".join(
-            f"{k} {row[k]:.4g}"
-            for k in ("loss", "eval_loss", "learning_rate", "tokens_per_s")
-            if k in row
-        )
-        if shown:
-            print(f"[rayft train] step {row['step']}/{self.max_steps} {shown}", flush=True)
+        if checkpoint is not None:
+            step = metrics[0].get("step", "?")
+            print(f"[rayft train] step {step}: checkpoint {checkpoint.path}", flush=True)
+
+
+def _shown(row: dict[str, Any]) -> str:
+    return " ".join(
+        f"{k} {row[k]:.4g}"
+        for k in ("loss", "eval_loss", "eval_perplexity", "learning_rate", "tokens_per_s")
+        if k in row
+    )

@@ -24,7 +24,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 def _train(config: dict[str, Any], output_dir: str) -> None:
     """Build TrainingArguments, model, this worker's data streams and the TRL trainer; train,
     resuming from the latest Ray Train checkpoint when there is one."""
-    from datasets import IterableDataset
+    from datasets import Dataset, IterableDataset
     from transformers import AutoTokenizer
 
     objective, kind = config["objective"], config["kind"]
@@ -49,15 +49,27 @@ def _train(config: dict[str, Any], output_dir: str) -> None:
 
     seed, feats = config["seed"], features(kind)
     train_shard = ray.train.get_dataset_shard("train")
-    train_ds = IterableDataset.from_generator(
-        functools.partial(endless_rows, train_shard, kind, seed), features=feats
-    )
-    eval_ds = None
-    if config["has_validation"]:
-        eval_shard = ray.train.get_dataset_shard("validation")
-        eval_ds = IterableDataset.from_generator(
-            functools.partial(one_pass, eval_shard, kind), features=feats
+    eval_shard = ray.train.get_dataset_shard("validation") if config["has_validation"] else None
+    if objective == "dpo":
+        # DPOTrainer tokenizes its datasets up front, and a second reader of a streaming_split
+        # shard would wait forever for the other workers: hold this worker's shard (and only it)
+        # as a finite dataset; HF's sampler then handles epochs and the resume position.
+        train_ds = Dataset.from_list(list(one_pass(train_shard, kind)), features=feats)
+        eval_ds = None
+        if eval_shard is not None:
+            eval_ds = Dataset.from_list(list(one_pass(eval_shard, kind)), features=feats)
+    else:
+        train_ds = IterableDataset.from_generator(
+            functools.partial(
+                endless_rows, train_shard, kind, seed, cache_bytes=config["shard_cache_bytes"]
+            ),
+            features=feats,
         )
+        eval_ds = None
+        if eval_shard is not None:
+            eval_ds = IterableDataset.from_generator(
+                functools.partial(one_pass, eval_shard, kind), features=feats
+            )
 
     common = {
         "model": model,
@@ -66,11 +78,16 @@ def _train(config: dict[str, Any], output_dir: str) -> None:
         "eval_dataset": eval_ds,
         "processing_class": tokenizer,
         "peft_config": adapter_config(config["method"], config["lora"]),
-        "callbacks": [RayReport(config.get("fault"))],
+        "callbacks": [RayReport(config.get("fault"), config["hf"]["max_steps"])],
     }
-    from trl import SFTTrainer
+    if objective == "dpo":
+        from trl import DPOTrainer
 
-    trainer = SFTTrainer(**common, data_collator=collate_padding_free)
+        trainer = DPOTrainer(**common)
+    else:
+        from trl import SFTTrainer
+
+        trainer = SFTTrainer(**common, data_collator=collate_padding_free)
     _read_own_shard(trainer)
 
     checkpoint = ray.train.get_checkpoint()
@@ -95,9 +112,17 @@ def _join_deepspeed(use_gpu: bool) -> None:
 
 
 def _training_args(objective: str, config: dict[str, Any], output_dir: str):
+    hf = dict(config["hf"], output_dir=output_dir, deepspeed=config["ds_config"])
+    if objective == "dpo":
+        from trl import DPOConfig
+
+        # Preference rows are text: DPOTrainer applies the chat template and tokenizes them.
+        # With PEFT the reference model is the base with the adapter disabled (no second copy).
+        return DPOConfig(
+            **hf, beta=config["dpo_beta"], max_length=config["max_seq_len"], dataset_num_proc=None
+        )
     from trl import SFTConfig
 
-    hf = dict(config["hf"], output_dir=output_dir, deepspeed=config["ds_config"])
     # Rows are already tokenized, masked and packed by `rayft prepare`: TRL must not redo it.
     return SFTConfig(**hf, dataset_kwargs={"skip_prepare_dataset": True})
 
