@@ -177,7 +177,8 @@ def _env(cfg: JobConfig) -> tuple[list[dict], list[dict]]:
     return env, env_from
 
 
-def _pod_spec(cfg: JobConfig, configmap: str, container: dict, worker: bool) -> dict[str, Any]:
+def _pod_template(cfg: JobConfig, configmap: str, container: dict, worker: bool) -> dict[str, Any]:
+    """The pod of a head or worker group: rayft's image, env, volumes and scheduling."""
     k = cfg.cluster.k8s
     volumes, mounts = _volumes(cfg, configmap)
     env, env_from = _env(cfg)
@@ -199,7 +200,7 @@ def _pod_spec(cfg: JobConfig, configmap: str, container: dict, worker: bool) -> 
         spec["nodeSelector"] = dict(k.node_selector)
     if worker and k.tolerations:
         spec["tolerations"] = [dict(t) for t in k.tolerations]
-    return spec
+    return {"metadata": {"labels": {LABEL: "rayft"}}, "spec": spec}
 
 
 def _resources(cpus: int, memory: str, gpus: int = 0) -> dict[str, Any]:
@@ -225,10 +226,7 @@ def _head(cfg: JobConfig, configmap: str, serve: bool) -> dict[str, Any]:
     return {
         # num-cpus 0: no tasks or actors on the head, it runs the driver and Ray's own services.
         "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0", "num-gpus": "0"},
-        "template": {
-            "metadata": {"labels": {LABEL: "rayft"}},
-            "spec": _pod_spec(cfg, configmap, container, worker=False),
-        },
+        "template": _pod_template(cfg, configmap, container, worker=False),
     }
 
 
@@ -251,10 +249,7 @@ def _workers(
         "minReplicas": lo,
         "maxReplicas": hi,
         "rayStartParams": {},
-        "template": {
-            "metadata": {"labels": {LABEL: "rayft"}},
-            "spec": _pod_spec(cfg, configmap, container, worker=True),
-        },
+        "template": _pod_template(cfg, configmap, container, worker=True),
     }
 
 

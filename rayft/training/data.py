@@ -8,6 +8,7 @@ time, and each epoch is shuffled locally with a seed derived from the epoch numb
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -112,12 +113,10 @@ def endless_rows(
     """
     cache: list[dict[str, np.ndarray]] | None = [] if kind == "sft" and cache_bytes > 0 else None
     size = 0
-    epoch = 0
-    while True:
+    for epoch in itertools.count():
         if epoch > 0 and cache is not None:
             for i in np.random.default_rng(seed + epoch).permutation(len(cache)):
                 yield {k: v.tolist() for k, v in cache[i].items()}
-            epoch += 1
             continue
         empty = True
         for batch in shard.iter_batches(
@@ -138,7 +137,6 @@ def endless_rows(
                 yield row
         if empty:
             raise TrainDataError("this worker's training shard is empty: fewer rows than workers")
-        epoch += 1
 
 
 def one_pass(shard, kind: str) -> Iterator[dict[str, Any]]:
