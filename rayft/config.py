@@ -71,8 +71,15 @@ class SplitConfig(_Section):
 
 
 class DedupeConfig(_Section):
-    exact: bool = Field(True, description="Drop rows whose normalised content repeats exactly.")
-    near: bool = Field(True, description="Drop near-duplicates (MinHash/LSH over word shingles).")
+    exact: bool = Field(
+        True,
+        description="Drop rows whose content (whitespace collapsed, case and punctuation kept) "
+        "repeats exactly.",
+    )
+    near: bool = Field(
+        True,
+        description="Drop near-duplicates (MinHash/LSH over word shingles of the non-system turns).",
+    )
     near_threshold: float = Field(
         0.85,
         gt=0,
@@ -116,7 +123,11 @@ class DataConfig(_Section):
     overlength: Literal["drop", "truncate"] = Field(
         "drop", description="What to do with an example longer than max_seq_len."
     )
-    normalize: bool = Field(True, description="Unicode NFC and whitespace normalisation.")
+    normalize: bool = Field(
+        True,
+        description="Unicode NFC, line endings, invisible/control characters, trailing whitespace; "
+        "indentation kept.",
+    )
     pii: PIIConfig = Field(default_factory=PIIConfig, description="PII scrubbing.")
     dedupe: DedupeConfig = Field(default_factory=DedupeConfig, description="Deduplication.")
     split: SplitConfig = Field(

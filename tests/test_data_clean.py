@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from rayft.data.clean import PLACEHOLDERS, iban_ok, luhn_ok, normalize, scrub
+from rayft.data.clean import PLACEHOLDERS, card_prefix_ok, iban_ok, luhn_ok, normalize, scrub
 
 ALL = list(PLACEHOLDERS)
 
@@ -17,9 +17,22 @@ def _scrub(text: str) -> tuple[str, Counter]:
 
 
 def test_normalize_unicode_and_whitespace():
-    # "e" + combining acute -> NFC "é"; zero-width space removed; runs of spaces and tabs collapse.
-    text = "  Cafe\u0301\u200b  is\t\topen \r\n\r\n\r\n\r\nline  two  "
-    assert normalize(text) == "Café is open\n\nline two"
+    # "e" + combining acute -> NFC "é"; zero-width space and control characters removed;
+    # CRLF -> LF; trailing spaces go, spacing inside a line stays; 3 blank lines become 2.
+    text = "  Cafe\u0301\u200b  is\t\topen \r\n\r\n \r\n\t\r\nline\x00  two\x07  "
+    assert normalize(text) == "Café  is\t\topen\n\n\nline  two"
+    assert normalize("a\n\n\nb\rc") == "a\n\n\nb\nc"  # two blank lines are kept as they are
+    # joiners are part of emoji sequences and of Persian spelling: kept
+    assert normalize(
+        "\U0001f469\u200d\U0001f4bb and \u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645"
+    ) == ("\U0001f469\u200d\U0001f4bb and \u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645")
+
+
+def test_normalize_keeps_code_indentation():
+    code = "def f(x):\r\n    if x:  \r\n\treturn  [1,  2]\r\n\r\n\r\n\r\n\r\nclass A:\n    pass\n"
+    assert normalize(code) == "def f(x):\n    if x:\n\treturn  [1,  2]\n\n\nclass A:\n    pass"
+    table = "| a   | b |\n|-----|---|\n| 1   | 2 |"
+    assert normalize(table) == table
 
 
 @pytest.mark.parametrize(
@@ -34,6 +47,16 @@ def test_normalize_unicode_and_whitespace():
         ("Card 5500-0000-0000-0004.", "Card <CREDIT_CARD>.", "credit_card"),
         ("card 4012888888881881", "card <CREDIT_CARD>", "credit_card"),
         ("from 192.168.1.20 at night", "from <IP_ADDRESS> at night", "ip_address"),
+        ("from 2001:db8::1 at night", "from <IP_ADDRESS> at night", "ip_address"),
+        ("host 2001:0db8:85a3:0000:0000:8a2e:0370:7334.", "host <IP_ADDRESS>.", "ip_address"),
+        ("via [fe80::1ff:fe23:4567:890a]:8080", "via [<IP_ADDRESS>]:8080", "ip_address"),
+        ("mapped ::ffff:192.0.2.128 here", "mapped <IP_ADDRESS> here", "ip_address"),
+        ("Amex 3782 822463 10005 ok", "Amex <CREDIT_CARD> ok", "credit_card"),
+        ("Mastercard 2223000048400011", "Mastercard <CREDIT_CARD>", "credit_card"),
+        ("JCB 3530111333300000", "JCB <CREDIT_CARD>", "credit_card"),
+        ("Diners 3056930009020004", "Diners <CREDIT_CARD>", "credit_card"),
+        ("Discover 6011111111111117", "Discover <CREDIT_CARD>", "credit_card"),
+        ("UnionPay 6200000000000005", "UnionPay <CREDIT_CARD>", "credit_card"),
         ("IBAN DE89 3704 0044 0532 0130 00 please", "IBAN <IBAN> please", "iban"),
         ("IBAN GB82WEST12345698765432.", "IBAN <IBAN>.", "iban"),
     ],
@@ -56,6 +79,12 @@ def test_pii_replaced_and_counted(text, expected, kind):
         "Ref GB82WEST12345698765431 (bad checksum)",  # IBAN look-alike failing mod-97
         "user@localhost is not an email address",
         "Room 300-401 on floor 2",
+        "ref 1234-5678-9012-3452 is the case number",  # Luhn-valid, but no card network's prefix
+        "Shipment 9999 9999 9999 9995 left",  # Luhn-valid, prefix 9: no network
+        "Meet at 12:30 or at 12:30:45 sharp",  # times are not IPv6
+        "MAC 00:1A:2B:3C:4D:5E and 01-23-45-67-89-AB",
+        "Use std::vector, a[1::2], a[::2] and Foo::bar",  # code, not addresses
+        "hash deadbeef:cafe and ts 2024-01-15T12:30:45Z",
     ],
 )
 def test_look_alikes_survive(text):
@@ -75,4 +104,9 @@ def test_several_types_in_one_text_and_type_selection():
 
 def test_checksums():
     assert luhn_ok("4111111111111111") and not luhn_ok("4111111111111112")
+    assert luhn_ok("1234567890123452") and not card_prefix_ok("1234567890123452")
+    assert all(card_prefix_ok(p + "0" * 12) for p in ("4", "51", "2720", "34", "6445", "3589"))
+    assert not any(
+        card_prefix_ok(p + "0" * 12) for p in ("50", "56", "2220", "2721", "3527", "306")
+    )
     assert iban_ok("DE89 3704 0044 0532 0130 00") and not iban_ok("DE88 3704 0044 0532 0130 00")

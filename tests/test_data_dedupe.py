@@ -2,14 +2,31 @@
 
 from __future__ import annotations
 
-from rayft.data import dedupe, split
+import json
+
+import pyarrow as pa
+
+from rayft.data import dedupe, sources, split, stages
 
 PERM, SHINGLE, THRESHOLD = 128, 5, 0.85
 
 
 def _row(source: str, text: str) -> tuple[str, str, bytes]:
-    key = dedupe.content_key([f"user {text}"])
-    return source, dedupe.content_id(key), dedupe.signature(key, PERM, SHINGLE)
+    parts = [("user", text)]
+    key = dedupe.near_key(parts)
+    return source, dedupe.content_id(dedupe.exact_key(parts)), dedupe.signature(key, PERM, SHINGLE)
+
+
+def _signed(rows: list[dict]) -> list[tuple[str, str, bytes]]:
+    """(source, id, signature) of JSONL rows, signed by the pipeline's own batch functions."""
+    data = "\n".join(json.dumps(r) for r in rows).encode()
+    f = sources.InputFile("t.jsonl", "t.jsonl", "file", 0, "")
+    raw = sources.split_files(
+        pa.table({"bytes": [data], "path": ["t.jsonl"]}), {"t.jsonl": f}, "auto"
+    )
+    out = stages.validate_clean(raw, True, [], PERM, SHINGLE, True).to_pylist()
+    assert all(r["error_kind"] is None for r in out)
+    return [(f"t:{r['line']}", r["id"], r["minhash"]) for r in out]
 
 
 LONG = (
@@ -19,14 +36,15 @@ LONG = (
 )
 
 
-def test_exact_duplicates_keep_the_first_and_ignore_case_and_spacing():
+def test_exact_duplicates_keep_the_first_and_ignore_spacing_only():
     rows = [
         _row("a:1", LONG),
         _row("b:7", LONG.upper()),
-        _row("b:8", "  " + LONG.replace(" ", "  ")),
+        _row("b:8", "  " + LONG.replace(" ", "  ").replace(",", ",\n")),
     ]
     exact, near = dedupe.find_duplicates(rows, True, THRESHOLD, PERM)
-    assert exact == {"b:7", "b:8"} and near == set()
+    # another case is other content for the exact key, and the same words for near-dedupe
+    assert exact == {"b:8"} and near == {"b:7"}
     # exact dedupe off: identical copies are still near-duplicates (Jaccard 1)
     assert dedupe.find_duplicates(rows, True, THRESHOLD, PERM, exact_dedupe=False) == (
         set(),
@@ -75,9 +93,52 @@ def test_split_is_deterministic_salted_and_follows_ratios():
 def test_near_duplicates_just_above_the_threshold_are_found():
     # Estimated Jaccard ~0.87: LSH banded at 0.85 itself misses such pairs about half the time.
     def convo(text: str) -> tuple[str, bytes]:
-        key = dedupe.content_key([f"user {text}", "assistant We will send a replacement."])
-        return dedupe.content_id(key), dedupe.signature(key, PERM, SHINGLE)
+        parts = [("user", text), ("assistant", "We will send a replacement.")]
+        key = dedupe.near_key(parts)
+        return dedupe.content_id(dedupe.exact_key(parts)), dedupe.signature(key, PERM, SHINGLE)
 
     a, b = convo(LONG), convo(LONG.replace("please", "thanks"))
     rows = [("a:1", *a), ("a:2", *b)]
     assert dedupe.find_duplicates(rows, True, THRESHOLD, PERM) == (set(), {"a:2"})
+
+
+SYSTEM = " ".join(
+    f"Rule {i}: be polite, precise and brief, and answer as Acme's support team would."
+    for i in range(30)
+)  # 420 words shared by every row, as in datasets generated from one template
+
+
+def _support(user: str, answer: str) -> dict:
+    return {
+        "messages": [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": answer},
+        ]
+    }
+
+
+def test_a_shared_system_prompt_does_not_make_rows_near_duplicates():
+    assert len(SYSTEM.split()) >= 400
+    facts = [("A111111", "Ana", 3), ("A222222", "Ben", 12), ("A333333", "Chloe", 7)]
+    facts.append(("A444444", "Dev", 9))
+    rows = [
+        _support(
+            f"Hi, my order {o} has not arrived after {d} days. Thanks, {n}",
+            f"Sorry {n}, order {o} is late; it ships within {d} days.",
+        )
+        for o, n, d in facts
+    ]
+    # a truly near-identical pair still goes: the second copy of the last ticket
+    rows.append(_support(LONG, "We will send a replacement."))
+    rows.append(_support(LONG.replace("please", "thanks"), "We will send a replacement."))
+    assert dedupe.find_duplicates(_signed(rows), True, THRESHOLD, PERM) == (set(), {"t:6"})
+
+
+def test_exact_key_keeps_case_and_punctuation_but_not_spacing():
+    answers = ['{"category": "billing"}', "Category: billing", "category billing"]
+    rows = [_support("Charged twice for A554710.", a) for a in answers]
+    rows.append(_support("Charged  twice for\nA554710.", answers[0]))  # only spacing differs
+    rows.append({"messages": rows[0]["messages"][1:]})  # no system prompt: other content
+    exact, near = dedupe.find_duplicates(_signed(rows), False, THRESHOLD, PERM)
+    assert (exact, near) == ({"t:4"}, set())

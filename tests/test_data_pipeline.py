@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from transformers import AutoTokenizer
 
 from rayft.cli import main as cli_main
 from rayft.config import JobConfig
@@ -290,3 +292,93 @@ def test_prepare_reads_s3_uris_preference_rows(tmp_path, tiny_model, ray_local, 
     assert json.loads(row["prompt"])[0]["role"] == "user" and row["rejected"] == "No idea."
     assert all(s.startswith("s3://rayft-test/") for s in train["source"])
     assert not (art.data_dir / "packed").exists()
+
+
+def test_prepare_reads_a_file_matched_twice_once(tmp_path, tiny_model, ray_local, capsys):
+    # test.jsonl is matched by the train glob too, and the glob is listed twice; its first
+    # line starts with the BOM Windows editors write
+    d = tmp_path / "d"
+    d.mkdir()
+    demo = DEMO.read_text().splitlines()
+    train = _write_jsonl(d / "train.jsonl", demo[:20])
+    test = d / "test.jsonl"
+    test.write_bytes(b"\xef\xbb\xbf" + "\n".join(demo[20:26]).encode() + b"\n")
+    cfg = _config(
+        tmp_path, tiny_model, [f"{d}/*.jsonl", f"{d}/*.jsonl"], test_files=[str(test)], pack=False
+    )
+    rep = prepare(cfg).report
+    assert rep["rows_in"] == 26 and rep["rejected"] == {}
+    assert rep["duplicates_removed"] == {"exact": 0, "near": 0}
+    assert rep["rows_out"]["test"] == 6
+    assert rep["rows_out"]["train"] + rep["rows_out"]["validation"] == 20
+    data = Path(cfg.run_dir) / "data"
+    held = _read(data / "test.parquet")
+    assert set(held["source"]) == {f"{test}:{i}" for i in range(1, 7)}
+    trained = pd.concat([_read(data / f"{s}.parquet") for s in ("train", "validation")])
+    assert set(trained["source"]) == {f"{train}:{i}" for i in range(1, 21)}
+    out = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    assert "test.jsonl matches data.train_files but is listed in data.test_files" in out
+
+
+def _refusing_model(tiny_model: str, dest: Path) -> str:
+    """tiny-llama with a template that refuses a system turn after the first, as the Llama 2
+    and Mistral templates refuse roles out of order."""
+    shutil.copytree(tiny_model, dest)
+    (dest / "chat_template.jinja").write_text(
+        "{% for m in messages %}{% if m['role'] == 'system' and not loop.first %}"
+        "{{ raise_exception('System message must come first') }}{% endif %}"
+        "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+    return str(dest)
+
+
+def test_template_refusals_are_rejects_and_first_turn_answers_train(
+    tmp_path, tiny_model, ray_local
+):
+    system = {"role": "system", "content": "You are Acme's support triage assistant."}
+    greeting = {"role": "assistant", "content": "Hi, Acme support here. How can I help?"}
+    lines = DEMO.read_text().splitlines()[:10] + [
+        json.dumps({"messages": [greeting, *_chat("Where is A123456?", "It ships.")["messages"]]}),
+        json.dumps({"messages": [system, greeting]}),
+        json.dumps({"messages": [*_chat("Hi", "Hello")["messages"], system, greeting]}),
+    ]
+    src = tmp_path / "rows.jsonl"
+    src.write_bytes("\n".join(lines).encode() + b"\n" + '{"text": "caf\xe9"}\n'.encode("latin-1"))
+    model = _refusing_model(tiny_model, tmp_path / "model")
+    cfg = _config(tmp_path, model, [str(src)])
+    rep = prepare(cfg).report  # check_accounting runs inside
+    assert rep["rows_in"] == 14
+    assert rep["rejected"] == {"template_error": 1, "bad_encoding": 1}
+    assert sum(rep["rows_out"].values()) == 12 and rep["overlength"]["dropped"] == 0
+    data = Path(cfg.run_dir) / "data"
+    rejects = [json.loads(x) for x in (data / "rejects.jsonl").read_text().splitlines()]
+    assert [(r["file"], r["line"], r["kind"], r["field"]) for r in rejects] == [
+        (str(src), 13, "template_error", "messages"),
+        (str(src), 14, "bad_encoding", "(row)"),
+    ]
+    assert "System message must come first" in rejects[0]["reason"]
+    assert json.loads(rejects[0]["row"])["messages"][2] == system
+    everything = pd.concat([_read(data / f"{s}.parquet") for s in ("train", "validation", "test")])
+    assert f"{src}:13" not in set(everything["source"])
+    packed = pd.concat([_read(data / "packed" / f"{s}.parquet") for s in ("train", "validation")])
+    assert (
+        sum(len(x) for x in packed.input_ids)
+        == rep["tokens"]["train"] + rep["tokens"]["validation"]
+    )
+    tok = AutoTokenizer.from_pretrained(model)
+    for line in (11, 12):  # the greeting is learned, the system prompt is not
+        row = everything[everything["source"] == f"{src}:{line}"].iloc[0]
+        trained = tok.decode([t for t in row["labels"] if t != -100])
+        assert "How can I help?" in trained and "triage" not in trained
+
+    # on_error: fail stops at the template's refusal too (found only when tokenizing, after
+    # the rows that fail validation have been reported), before any split is written
+    src = _write_jsonl(tmp_path / "refused.jsonl", lines)
+    cfg = _config(tmp_path, model, [str(src)], on_error="fail")
+    with pytest.raises(DataValidationError, match="1 bad rows") as e:
+        prepare(cfg)
+    assert f"{src}:13 messages: the chat template" in str(e.value)
+    assert "template_error=1" in str(e.value)
+    assert not (data / "train.parquet").exists() and not (data / "data_report.json").exists()
+    assert len((data / "rejects.jsonl").read_text().splitlines()) == 1

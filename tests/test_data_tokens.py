@@ -7,6 +7,7 @@ from transformers import AutoTokenizer
 
 from rayft import models
 from rayft.data import pack, tokens
+from rayft.data.formats import RowError
 from rayft.data.tokens import IGNORE
 
 CONVO = [
@@ -23,12 +24,16 @@ def tok(request):
     return AutoTokenizer.from_pretrained(models.resolve(request.param))
 
 
+def _tokenize(tok, rows: list[dict], assistant_only: bool) -> list[tuple[str, list, list]]:
+    return tokens.encode_sft(tok, [tokens.render_sft(tok, r, assistant_only) for r in rows])
+
+
 def _trained_text(tok, ids, labels) -> str:
     return tok.decode([i for i, lab in zip(ids, labels, strict=True) if lab != IGNORE])
 
 
 def test_only_assistant_turns_are_learned(tok):
-    ((text, ids, labels),) = tokens.tokenize_sft(tok, [{"messages": CONVO, "text": ""}], True)
+    ((text, ids, labels),) = _tokenize(tok, [{"messages": CONVO, "text": ""}], True)
     assert text == tok.apply_chat_template(CONVO, tokenize=False)
     assert ids == tok(text, add_special_tokens=False)["input_ids"]
     trained = _trained_text(tok, ids, labels)
@@ -42,11 +47,9 @@ def test_only_assistant_turns_are_learned(tok):
 
 
 def test_unmasked_and_plain_text(tok):
-    ((_, ids, labels),) = tokens.tokenize_sft(tok, [{"messages": CONVO, "text": ""}], False)
+    ((_, ids, labels),) = _tokenize(tok, [{"messages": CONVO, "text": ""}], False)
     assert labels == ids
-    ((text, ids, labels),) = tokens.tokenize_sft(
-        tok, [{"messages": None, "text": "Hello sea."}], True
-    )
+    ((text, ids, labels),) = _tokenize(tok, [{"messages": None, "text": "Hello sea."}], True)
     assert text == "Hello sea." + tok.eos_token and labels == ids and ids[-1] == tok.eos_token_id
 
 
@@ -58,7 +61,49 @@ def test_non_prefix_stable_template_is_refused(tok):
         "{% endfor %}{% if add_generation_prompt %}>{% endif %}"
     )
     with pytest.raises(tokens.TemplateError, match="prefix-stable"):
-        tokens.tokenize_sft(tok, [{"messages": CONVO, "text": ""}], True)
+        _tokenize(tok, [{"messages": CONVO, "text": ""}], True)
+
+
+@pytest.mark.parametrize("system", [False, True])
+def test_an_answer_in_the_first_turn_is_learned(tok, system):
+    # A chat may open with the assistant (a greeting), alone or after the system prompt; the
+    # prefix before the first answer used to be rendered as an empty conversation and crash.
+    convo = [
+        {"role": "assistant", "content": "Hi, I am Acme's assistant. How can I help?"},
+        {"role": "user", "content": "Where is order A123456?"},
+        {"role": "assistant", "content": "It ships tomorrow."},
+    ]
+    if system:
+        convo.insert(0, {"role": "system", "content": "You are Acme's support triage assistant."})
+    ((text, ids, labels),) = _tokenize(tok, [{"messages": convo, "text": ""}], True)
+    assert text == tok.apply_chat_template(convo, tokenize=False)
+    trained = _trained_text(tok, ids, labels)
+    assert "How can I help?" in trained and "It ships tomorrow." in trained
+    assert trained.count("<|im_end|>") == 2
+    # neither the prompt nor what the template writes before the first answer (SmolLM2 adds
+    # its default system prompt when there is none) is learned
+    for prompt_piece in ("A123456", "support triage", "SmolLM", "system", "user"):
+        assert prompt_piece not in trained
+
+
+def test_a_conversation_the_template_refuses_is_a_row_error(tok):
+    tok = AutoTokenizer.from_pretrained(tok.name_or_path)
+    # as Llama 2 / Mistral templates do for roles out of order
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' and not loop.first %}"
+        "{{ raise_exception('System message must come first') }}{% endif %}"
+        "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+    late_system = [CONVO[1], CONVO[0], CONVO[2]]
+    for assistant_only in (True, False):
+        with pytest.raises(RowError, match="System message must come first") as e:
+            tokens.render_sft(tok, {"messages": late_system, "text": ""}, assistant_only)
+        assert (e.value.kind, e.value.field) == ("template_error", "messages")
+    with pytest.raises(RowError) as e:
+        tokens.preference_tokens(tok, late_system[:2], "yes", "no")
+    assert (e.value.kind, e.value.field) == ("template_error", "prompt")
+    assert _tokenize(tok, [{"messages": CONVO, "text": ""}], True)[0][0].count("<|im_start|>") == 5
 
 
 def test_packing_keeps_examples_whole_and_positions_restart():

@@ -387,3 +387,20 @@ def test_full_fine_tune_exports_model_dir_and_has_nothing_to_merge(tmp_path, tin
     [path] = export(cfg)
     assert path == cfg.run_path / "export" / "tiny-f32.gguf"
     assert read_manifest(cfg.run_path)["stages"]["export"]["source"] == str(cfg.run_path / "model")
+
+
+def test_merge_dtype_follows_the_training_side_not_this_machine():
+    import torch
+
+    from rayft.export.merge import merge_dtype
+
+    def cfg(**sections) -> JobConfig:
+        return JobConfig.model_validate({"model": {"base": "tiny-llama"}, **sections})
+
+    assert merge_dtype(cfg(cluster={"use_gpu": True})) == torch.bfloat16  # merged on a CPU box
+    assert merge_dtype(cfg(cluster={"use_gpu": False})) == torch.float32
+    qlora = {"method": "qlora", "quantization": {"compute_dtype": "float16"}}
+    assert merge_dtype(cfg(training=qlora, cluster={"use_gpu": True})) == torch.float16
+    assert merge_dtype(cfg(export={"dtype": "float32"}, cluster={"use_gpu": True})) == (
+        torch.float32
+    )

@@ -47,6 +47,62 @@ def complete(url: str, max_tokens: int) -> int:
         return -1
 
 
+def test_rayft_serve_stops_on_sigterm(tiny_model, tmp_path):
+    """`rayft serve` in its own process with its own embedded Ray: it serves, and SIGTERM
+    removes the deployments, stops that Ray and exits 0. Runs before the module's shared
+    server exists, so the two Serve instances never compete for the two cores."""
+    port = free_port()
+    config = tmp_path / "job.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "run_dir": str(tmp_path / "run"),
+                "model": {"base": tiny_model},
+                "serve": {"port": port},
+                "cluster": {"address": None},
+            }
+        )
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rayft.cli", "serve", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def read() -> None:  # the ready line comes after serve.run returned: every replica is up
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("rayft serve: http"):
+                ready.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.time() + 300
+        while not ready.wait(1) and proc.poll() is None and time.time() < deadline:
+            pass
+        assert ready.is_set(), f"not ready (exit code {proc.poll()}):\n{''.join(lines)[-4000:]}"
+        assert requests.get(url.removesuffix("/v1") + "/health", timeout=30).ok
+        assert complete(url, 2) == 200, "".join(lines)[-4000:]
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(timeout=30)
+    out = "".join(lines)
+    assert proc.returncode == 0, out[-4000:]
+    assert "stopped after" in out and "1 requests" in out, out[-4000:]
+    with pytest.raises(requests.ConnectionError):
+        requests.get(url.removesuffix("/v1") + "/health", timeout=5)
+
+
 def test_admin_api_is_off_without_an_admin_key(server):
     _, url = server
     r = requests.get(url.removesuffix("/v1") + "/admin/adapters", timeout=30)
@@ -98,45 +154,3 @@ def test_backpressure_answers_503_not_an_unbounded_queue(server):
     assert set(statuses) <= {200, 503}, statuses
     assert statuses.count(503) >= 1 and statuses.count(200) >= 2, statuses
     assert complete(url, 2) == 200
-
-
-def test_rayft_serve_stops_on_sigterm(tiny_model, tmp_path):
-    port = free_port()
-    config = tmp_path / "job.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "run_dir": str(tmp_path / "run"),
-                "model": {"base": tiny_model},
-                "serve": {"port": port},
-                "cluster": {"address": None},
-            }
-        )
-    )
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rayft.cli", "serve", str(config)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
-    try:
-        url = f"http://127.0.0.1:{port}/v1"
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                if requests.get(url.removesuffix("/v1") + "/health", timeout=5).ok:
-                    break
-            except requests.RequestException:
-                time.sleep(1)
-        assert complete(url, 2) == 200
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, out[-3000:]
-    assert "stopped after" in out and "1 requests" in out
-    with pytest.raises(requests.ConnectionError):
-        requests.get(url.removesuffix("/v1") + "/health", timeout=5)

@@ -72,7 +72,7 @@ def reference(ray_local, tiny_model, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("reference")
     # 128 conversations pack into ~24 rows per worker: 6 steps of 2 stay inside the first epoch.
     write_sft(run_dir, tiny_model, n_train=128, n_val=8)
-    art = train(_config(run_dir))
+    art = train(_config(run_dir, tracking={"backends": ["tensorboard"]}))
     return run_dir, art
 
 
@@ -110,6 +110,10 @@ def test_fresh_run_artifacts(reference, tiny_model):
     stage = manifest["stages"]["train"]
     assert stage["data_hash"] in card and stage["config_hash"] in card and "tiny-llama" in card
     assert stage["metrics"]["steps"] == STEPS
+
+    # The tracker wrote rank 0's scalars into the run dir, not the worker's scratch dir.
+    events = list((run_dir / "tracking" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
 
     # keep_checkpoints=1: only the best by eval loss (here also the latest) survives.
     ckpts = sorted(p.name for p in (run_dir / "checkpoints" / "lora-run").glob("checkpoint-*"))
@@ -163,11 +167,12 @@ def test_crash_during_checkpoint_upload_then_resume_replays_exactly(
     assert any(p.stat().st_size < sizes[p.name] for p in half.iterdir())
     snapshot = (storage / "checkpoint_manager_snapshot.json").read_text()
     assert "checkpoint-000003" in snapshot and "checkpoint-000006" not in snapshot
-    crashed_rows = len(_rows(tmp_path))
-
-    # --resume may raise max_steps: steps 4..6 replay the reference, 7..8 are new.
+    # --resume may raise max_steps: steps 4..6 replay the reference, 7..8 are new. The rows the
+    # crashed run wrote for steps 4..6 are replaced: every step appears once.
     art = train(_config(tmp_path, max_steps=8), resume=True)
-    resumed = _losses(_rows(tmp_path)[crashed_rows:])
-    assert sorted(resumed) == [4, 5, 6, 7, 8]
-    _assert_same(resumed, ref_losses, range(4, STEPS + 1))
+    rows = _rows(tmp_path)
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 9))
+    assert [r["step"] for r in rows if "eval_loss" in r] == [3, 6, 8]
+    resumed = _losses(rows)
+    _assert_same(resumed, ref_losses, range(1, STEPS + 1))
     assert art.summary["steps"] == 8 and resumed[8] < resumed[4]

@@ -222,3 +222,21 @@ def test_shard_cache_replays_epochs_without_rereading(ray_local):
     b = _epochs(tiny_cache, n, 3, cache_bytes=100)  # the shard outgrows it: stream each epoch
     assert tiny_cache.passes == 3
     assert b[0] == a[0] and all(sorted(e) == sorted(a[0]) for e in b)
+
+
+def test_mfu_from_parameters_tokens_and_device_peaks(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    from rayft.training.flops import flops_per_token, mfu, parameter_count, peak_tflops
+
+    n = parameter_count(tiny_model)
+    assert n == sum(
+        p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model).parameters()
+    )
+    assert flops_per_token(n, "full") == 6 * n and flops_per_token(n, "lora") == 4 * n
+    assert (
+        peak_tflops("NVIDIA H100 PCIe") == 756.0 and peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    )
+    # 2 x H200 at 100k tokens/s of a 1B model, LoRA: 4e9 * 1e5 / (2 * 989e12)
+    assert mfu(1e5, 4e9, ["NVIDIA H200", "NVIDIA H200"]) == pytest.approx(4e14 / 1.978e15)
+    assert mfu(1e5, 4e9, ["cpu", "cpu"]) is None and mfu(1e5, 4e9, []) is None

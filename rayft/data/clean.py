@@ -1,13 +1,15 @@
 """Cleaning: Unicode/whitespace normalisation and PII scrubbing with typed placeholders.
 
 PII patterns are deliberately narrow and every number-shaped match is checked (Luhn for
-cards, mod-97 for IBANs, separators for phones) so order numbers, dates and versions survive:
+cards with a card network's prefix, mod-97 for IBANs, separators for phones, the address
+parser for IPv6) so order numbers, dates and versions survive:
 a scrubber that eats the facts of a support ticket ruins the training data more than a rare
 missed phone number does.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import unicodedata
 from collections import Counter
@@ -20,13 +22,16 @@ PLACEHOLDERS = {
     "ip_address": "<IP_ADDRESS>",
 }
 
-_ZERO_WIDTH = re.compile("[\u200b\u200c\u200d\u2060\ufeff]")
-_SPACES = re.compile(r"[^\S\n]+")  # any whitespace but newline
-_BLANK_LINES = re.compile(r"\n{3,}")
+# Zero-width space, word joiner and BOM carry nothing; ZWJ and ZWNJ are kept: they join emoji
+# sequences and are part of the spelling of Persian and Indic scripts. Control characters go
+# too, but for tab and newline.
+_INVISIBLE = re.compile(r"[\u200b\u2060\ufeff\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+_TRAILING = re.compile(r"[^\S\n]+$", re.MULTILINE)  # whitespace but newline, at a line's end
+_BLANK_LINES = re.compile(r"\n{4,}")  # three or more blank lines
 
 _EMAIL = re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
 _IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b")
-# 13-19 digits, optionally grouped by single spaces or dashes; Luhn decides.
+# 13-19 digits, optionally grouped by single spaces or dashes; the issuer prefix and Luhn decide.
 _CARD = re.compile(r"(?<![\w-])\d(?:[ -]?\d){12,18}(?![\w-])")
 # Phones need a leading + or separators between groups: a bare run of digits is an id, not a phone.
 _PHONE = re.compile(
@@ -36,15 +41,41 @@ _PHONE = re.compile(
 )
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 _IP = re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?![\w.])")
+# A run of hex digits, colons and dots with at least two colons and one decimal digit, not
+# inside a word (C++/Rust paths like std::io never start one) or a longer run; the possessive
+# match takes the whole run and `ipaddress` decides. Times (12:30:45) and MAC addresses
+# (six groups, no "::") are not IPv6 addresses and stay.
+_IPV6 = re.compile(
+    r"(?<![\w:.])(?=[\da-fA-F.]*:[\da-fA-F.]*:)(?=[\da-fA-F:.]*\d)[\da-fA-F:.]++(?!\w)"
+)
+# Issuer identification number ranges of the card networks (ISO/IEC 7812): Visa; Mastercard;
+# Amex; Discover; JCB; Diners Club; UnionPay. A Luhn-valid reference number (one in ten is)
+# that starts like no card is not a card.
+_CARD_PREFIXES = (
+    ("4", "4"),
+    ("51", "55"),
+    ("2221", "2720"),
+    ("34", "34"),
+    ("37", "37"),
+    ("6011", "6011"),
+    ("644", "649"),
+    ("65", "65"),
+    ("3528", "3589"),
+    ("300", "305"),
+    ("36", "36"),
+    ("38", "38"),
+    ("62", "62"),
+)
 
 
 def normalize(text: str) -> str:
-    """NFC, no zero-width characters, single spaces, at most one blank line, stripped."""
+    """NFC, \\n line endings, no invisible or control characters, no trailing spaces, at most
+    two blank lines in a row, stripped. Indentation and spacing inside lines stay: in code,
+    tables and aligned text they are content. NFC rather than NFKC, which would also turn
+    "x²" into "x2" and full-width text into ASCII, changing what the text says."""
     text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
-    text = _ZERO_WIDTH.sub("", text)
-    text = _SPACES.sub(" ", text)
-    text = "\n".join(line.strip() for line in text.split("\n"))
-    return _BLANK_LINES.sub("\n\n", text).strip()
+    text = _TRAILING.sub("", _INVISIBLE.sub("", text))
+    return _BLANK_LINES.sub("\n\n\n", text).strip()
 
 
 def luhn_ok(digits: str) -> bool:
@@ -65,13 +96,36 @@ def iban_ok(candidate: str) -> bool:
     return int("".join(str(int(c, 36)) for c in moved)) % 97 == 1
 
 
+def card_prefix_ok(digits: str) -> bool:
+    """Whether `digits` starts with the issuer prefix of a card network."""
+    return any(lo <= digits[: len(lo)] <= hi for lo, hi in _CARD_PREFIXES)
+
+
 def _card(m: re.Match) -> str | None:
     digits = re.sub(r"[ -]", "", m.group())
-    return PLACEHOLDERS["credit_card"] if 13 <= len(digits) <= 19 and luhn_ok(digits) else None
+    ok = 13 <= len(digits) <= 19 and card_prefix_ok(digits) and luhn_ok(digits)
+    return PLACEHOLDERS["credit_card"] if ok else None
 
 
 def _iban(m: re.Match) -> str | None:
     return PLACEHOLDERS["iban"] if iban_ok(m.group()) else None
+
+
+def _ipv6(m: re.Match) -> str | None:
+    run = m.group()
+    address = run.rstrip(".")  # the end of a sentence
+    for candidate in (address, address.rstrip(":")):  # "... at 2001:db8::1: it failed"
+        groups = [g for g in candidate.split(":") if g]
+        # Two groups or fewer is a slice in code far more often (a[1::2], a[::2]), and such
+        # short addresses (::1, fe80::1) are well-known ones, not anybody's.
+        if len(groups) < 3 and "." not in candidate:
+            continue
+        try:
+            ipaddress.IPv6Address(candidate)
+        except ValueError:
+            continue
+        return PLACEHOLDERS["ip_address"] + run[len(candidate) :]
+    return None
 
 
 def _phone(m: re.Match) -> str | None:
@@ -85,6 +139,7 @@ _SCRUBBERS = (
     ("iban", _IBAN, _iban),
     ("credit_card", _CARD, _card),
     ("phone", _PHONE, _phone),
+    ("ip_address", _IPV6, _ipv6),  # first: an IPv4-mapped IPv6 address ends in an IPv4 one
     ("ip_address", _IP, lambda m: PLACEHOLDERS["ip_address"]),
 )
 

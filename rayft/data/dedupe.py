@@ -22,9 +22,25 @@ SCHEME = "affine32"
 _WORD = re.compile(r"\w+", re.UNICODE)
 
 
-def content_key(parts: list[str]) -> str:
-    """What counts as 'the same content': case-folded words, role markers kept."""
-    return "\x1f".join(" ".join(_WORD.findall(p.casefold())) for p in parts)
+def exact_key(parts: list[tuple[str, str]]) -> str:
+    """What counts as 'the same content': every (role, text) part, whitespace runs collapsed.
+
+    Case and punctuation are kept: '{"category": "billing"}' and 'Category: billing' teach
+    different outputs, so rows that differ only there are both worth keeping.
+    """
+    return "\x1f".join(f"{role} {' '.join(text.split())}" for role, text in parts)
+
+
+def near_key(parts: list[tuple[str, str]]) -> str:
+    """What near-duplicate similarity is measured on: the case-folded words of every part but
+    the system prompt. A long system prompt shared by a whole dataset would otherwise dominate
+    the shingles, and templated rows that differ in their facts (names, order numbers, days)
+    would look like copies of each other."""
+    return "\x1f".join(
+        f"{role} {' '.join(_WORD.findall(text.casefold()))}"
+        for role, text in parts
+        if role != "system"
+    )
 
 
 def content_id(key: str) -> str:

@@ -55,11 +55,7 @@ def prepare(cfg: JobConfig) -> DataArtifacts:
     d = cfg.data
     if not d.train_files:
         raise sources.DataInputError("data.train_files is empty: list at least one input file")
-    # Priority for dedupe: the held-out files first, so a train row that repeats a test row is
-    # the copy that goes (no leakage), then files and lines in the order given.
-    files = sources.expand(d.test_files, "test", 0)
-    files += sources.expand(d.validation_files, "validation", len(files))
-    files += sources.expand(d.train_files, "", len(files))
+    files, notes = sources.assign_files(d.train_files, d.validation_files, d.test_files)
     data_dir = cfg.run_path / "data"
     _clear(data_dir)
     model_path = models.resolve(cfg.model.base, cfg.model.revision)
@@ -72,14 +68,8 @@ def prepare(cfg: JobConfig) -> DataArtifacts:
         facts = _collect_cleaned(cleaned)
         marks = [start]
         timings = {"read_validate_clean": _lap(marks)}
-        report.write_rejects(data_dir / "rejects.jsonl", facts["rejects"])
         _announce_formats(facts["formats"], d.format)
-        if facts["rejects"] and d.on_error == "fail":
-            raise DataValidationError(
-                f"{len(facts['rejects'])} bad rows (data.on_error: fail, nothing written but "
-                f"{data_dir / 'rejects.jsonl'}):\n{report.error_summary(facts['rejects'])}\n"
-                "Fix the rows, or set data.on_error: skip to leave them out."
-            )
+        _record_rejects(facts["rejects"], data_dir, d.on_error)
         kind = _single_kind(facts["kinds"])
         exact, near = dedupe.find_duplicates(
             facts["signatures"],
@@ -119,6 +109,10 @@ def prepare(cfg: JobConfig) -> DataArtifacts:
             .materialize()
         )
         stats = _collect_tokenized(tokenized)
+        # Rows the chat template refused are known only now: record them with the others.
+        rejects = sorted(facts["rejects"] + stats["rejects"], key=lambda r: (r["file"], r["line"]))
+        if stats["rejects"]:
+            _record_rejects(rejects, data_dir, d.on_error)
         timings["split_tokenize"] = _lap(marks)
         splits = _write_splits(tokenized, data_dir, kind, stats["rows"])
         timings["write"] = _lap(marks)
@@ -130,7 +124,7 @@ def prepare(cfg: JobConfig) -> DataArtifacts:
     data_report = {
         "rows_in": facts["rows_in"],
         "rows_out": {s: stats["rows"][s] for s in report.SPLITS},
-        "rejected": dict(Counter(r["kind"] for r in facts["rejects"])),
+        "rejected": dict(Counter(r["kind"] for r in rejects)),
         "duplicates_removed": {"exact": len(exact), "near": len(near)},
         "pii_redactions": facts["pii"],
         "overlength": {"dropped": stats["dropped"], "truncated": stats["truncated"]},
@@ -146,7 +140,7 @@ def prepare(cfg: JobConfig) -> DataArtifacts:
     report.check_accounting(data_report)
     (data_dir / "data_report.json").write_text(json.dumps(data_report, indent=2) + "\n")
     seconds = time.perf_counter() - start
-    report.print_summary(data_report, data_dir, seconds)
+    report.print_summary(data_report, data_dir, seconds, notes)
     manifest.record_stage(
         cfg.run_path, "prepare", cfg, data_hash=stats["hash"], report=data_report, seconds=seconds
     )
@@ -157,6 +151,17 @@ def _lap(marks: list[float]) -> float:
     """Seconds since the last mark (and set a new one)."""
     marks.append(time.perf_counter())
     return marks[-1] - marks[-2]
+
+
+def _record_rejects(rejects: list[dict[str, Any]], data_dir: Path, on_error: str) -> None:
+    """Write rejects.jsonl; with data.on_error: fail, stop before anything else is written."""
+    report.write_rejects(data_dir / "rejects.jsonl", rejects)
+    if rejects and on_error == "fail":
+        raise DataValidationError(
+            f"{len(rejects)} bad rows (data.on_error: fail, nothing written but "
+            f"{data_dir / 'rejects.jsonl'}):\n{report.error_summary(rejects)}\n"
+            "Fix the rows, or set data.on_error: skip to leave them out."
+        )
 
 
 def _clear(data_dir: Path) -> None:
@@ -261,9 +266,24 @@ def _single_kind(kinds: Counter) -> str:
 
 def _collect_tokenized(ds) -> dict[str, Any]:
     rows, tokens, dropped, truncated = Counter(), Counter(), 0, 0
-    ids = []
+    ids, rejects = [], []
+    columns = ["id", "source", "split", "num_tokens", "overlength"]
+    columns += ["error_kind", "error_field", "reason", "raw"]
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        for r in batch.select(["id", "split", "num_tokens", "overlength"]).to_pylist():
+        for r in batch.select(columns).to_pylist():
+            if r["error_kind"] is not None:
+                file, line = r["source"].rsplit(":", 1)
+                rejects.append(
+                    {
+                        "file": file,
+                        "line": int(line),
+                        "field": r["error_field"],
+                        "kind": r["error_kind"],
+                        "reason": r["reason"],
+                        "row": r["raw"],
+                    }
+                )
+                continue
             if r["overlength"] == "dropped":
                 dropped += 1
                 continue
@@ -278,6 +298,7 @@ def _collect_tokenized(ds) -> dict[str, Any]:
         "tokens": tokens,
         "dropped": dropped,
         "truncated": truncated,
+        "rejects": rejects,
         "hash": digest,
     }
 

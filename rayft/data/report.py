@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from rayft.errors import RayftError
 
 SPLITS = ("train", "validation", "test")
 
@@ -26,21 +29,31 @@ def error_summary(rejects: list[dict[str, Any]], first: int = 10) -> str:
     return "\n".join(lines)
 
 
+class AccountingError(RayftError):
+    """The rows of a prepare run do not add up: a bug in rayft, not in the data."""
+
+
 def check_accounting(report: dict[str, Any]) -> None:
     """rows_in = Σ rows_out + Σ rejected + Σ duplicates_removed + overlength.dropped."""
-    accounted = (
-        sum(report["rows_out"].values())
-        + sum(report["rejected"].values())
-        + sum(report["duplicates_removed"].values())
-        + report["overlength"]["dropped"]
-    )
+    terms = {
+        "rows_out": report["rows_out"],
+        "rejected": report["rejected"],
+        "duplicates_removed": report["duplicates_removed"],
+    }
+    accounted = sum(sum(v.values()) for v in terms.values()) + report["overlength"]["dropped"]
     if accounted != report["rows_in"]:
-        raise AssertionError(
-            f"prepare lost rows: rows_in={report['rows_in']} accounted={accounted}"
+        parts = [f"{name} {sum(v.values())} {dict(v)}" for name, v in terms.items()]
+        parts.append(f"overlength.dropped {report['overlength']['dropped']}")
+        raise AccountingError(
+            f"prepare's row counts disagree: rows_in={report['rows_in']} but "
+            f"{' + '.join(parts)} = {accounted} ({report['rows_in'] - accounted:+d} rows "
+            "unaccounted for); nothing is wrong with the data: please report this as a bug"
         )
 
 
-def print_summary(report: dict[str, Any], data_dir: Path, seconds: float) -> None:
+def print_summary(
+    report: dict[str, Any], data_dir: Path, seconds: float, notes: Sequence[str] = ()
+) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -66,6 +79,8 @@ def print_summary(report: dict[str, Any], data_dir: Path, seconds: float) -> Non
         f"{report['packing_efficiency']:.3f} (real tokens / capacity of packed sequences); "
         f"{seconds:.1f} s"
     )
+    for note in notes:  # how input files that were named twice were resolved
+        console.print(f"note: {note}")
     if report["rejected"]:
         kinds = ", ".join(f"{k}={n}" for k, n in report["rejected"].items())
         console.print(f"rejected rows ({kinds}) are in {data_dir / 'rejects.jsonl'}")

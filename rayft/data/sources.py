@@ -8,10 +8,12 @@ with its number. JSON arrays and Parquet files number their items 1, 2, ... inst
 
 from __future__ import annotations
 
+import codecs
 import io
 import json
+import os
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import fsspec
@@ -30,6 +32,7 @@ RAW_SCHEMA = pa.schema(
         ("split_hint", pa.string()),
         ("format", pa.string()),
         ("raw", pa.string()),
+        ("bad_encoding", pa.string()),  # why `raw` is no text, for lines that are not UTF-8
     ]
 )
 
@@ -51,9 +54,12 @@ def filesystem(protocol: str) -> fsspec.AbstractFileSystem:
     return fsspec.filesystem(protocol)
 
 
-def expand(patterns: list[str], split_hint: str, start: int) -> list[InputFile]:
-    """Files behind `patterns` (paths, globs, directories), in a stable order."""
+def expand(patterns: list[str], split_hint: str) -> list[InputFile]:
+    """Files behind `patterns` (paths, globs, directories), in a stable order, each once.
+
+    `order` is left at 0: `assign_files` numbers the files of all splits together."""
     out: list[InputFile] = []
+    seen: set[tuple[str, str]] = set()
     for pattern in patterns:
         fs, _, paths = fsspec.core.get_fs_token_paths(pattern)
         protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
@@ -69,23 +75,90 @@ def expand(patterns: list[str], split_hint: str, start: int) -> list[InputFile]:
                 "validation_files / test_files (globs and s3:// URLs are allowed)"
             )
         for p in sorted(found):
-            display = p if protocol in ("file", "local") else fs.unstrip_protocol(p)
-            out.append(InputFile(p, display, protocol, start + len(out), split_hint))
+            local = protocol in ("file", "local")
+            p = os.path.normpath(p) if local else p
+            key = _identity(p, protocol)
+            if key in seen:  # the same glob twice, or a file inside a listed directory
+                continue
+            seen.add(key)
+            display = p if local else fs.unstrip_protocol(p)
+            out.append(InputFile(p, display, protocol, 0, split_hint))
     return out
 
 
-def _items(data: bytes, path: str) -> list[tuple[int, str]]:
-    """(1-based line or item number, raw JSON text) of every non-blank row of one file."""
+def _identity(path: str, protocol: str) -> tuple[str, str]:
+    # Local files by their real path, so a symlink or a relative spelling is the same file.
+    return protocol, os.path.realpath(path) if protocol in ("file", "local") else path
+
+
+def assign_files(
+    train: list[str], validation: list[str], test: list[str]
+) -> tuple[list[InputFile], list[str]]:
+    """Every input file once, with its split, and notes on the overlaps that were resolved.
+
+    A file named in data.test_files or data.validation_files belongs to that split, also
+    when a train glob matches it too: a held-out file read again as train data would leak
+    into training, and read twice its rows would be duplicates of themselves. Order is the
+    priority for dedupe: held-out files first (a train row repeating a test row is the copy
+    that goes), then files and lines in the order given.
+    """
+    files = expand(test, "test") + expand(validation, "validation")
+    owner: dict[tuple[str, str], InputFile] = {}
+    for f in files:
+        if owner.setdefault(_identity(f.path, f.protocol), f) is not f:
+            raise DataInputError(
+                f"data: {f.display} is listed in both data.test_files and "
+                "data.validation_files; a file can hold out rows for one split only"
+            )
+    notes = []
+    for f in expand(train, ""):
+        held_as = owner.get(_identity(f.path, f.protocol))
+        if held_as is None:
+            files.append(f)
+        else:
+            notes.append(
+                f"{f.display} matches data.train_files but is listed in "
+                f"data.{held_as.split_hint}_files: read once, as {held_as.split_hint} data only"
+            )
+    if not any(f.split_hint == "" for f in files):
+        raise DataInputError(
+            "data: every file of data.train_files is also a validation or test file; "
+            "nothing is left to train on"
+        )
+    return [replace(f, order=i) for i, f in enumerate(files)], notes
+
+
+def _items(data: bytes, path: str) -> list[tuple[int, str, str | None]]:
+    """(1-based line or item number, raw JSON text, decoding error or None) of every
+    non-blank row of one file."""
     if path.endswith(".parquet"):
         import pyarrow.parquet as pq
 
         rows = pq.read_table(io.BytesIO(data)).to_pylist()
-        return [(i + 1, json.dumps(r, default=str)) for i, r in enumerate(rows)]
-    text = data.decode("utf-8", errors="replace")
-    if path.endswith(".json") and text.lstrip().startswith("["):
-        items = json.loads(text)  # a broken array has no rows to number: see split_files
-        return [(i + 1, json.dumps(r)) for i, r in enumerate(items)]
-    return [(i + 1, line) for i, line in enumerate(text.split("\n")) if line.strip()]
+        return [(i + 1, json.dumps(r, default=str), None) for i, r in enumerate(rows)]
+    # Editors on Windows write a UTF-8 BOM; it is not part of the first row.
+    data = data.removeprefix(codecs.BOM_UTF8)
+    if path.endswith(".json") and data.lstrip().startswith(b"["):
+        # A broken array has no rows to number: split_files turns the error into one reject.
+        items = json.loads(data.decode("utf-8"))
+        return [(i + 1, json.dumps(r), None) for i, r in enumerate(items)]
+    out = []
+    for i, line in enumerate(data.split(b"\n")):
+        try:
+            # A BOM at the start of a later line comes from concatenated files (cat a b).
+            text = line.decode("utf-8").removeprefix("\ufeff")
+        except UnicodeDecodeError as e:
+            # Decoding with replacement characters would train on mojibake without a word;
+            # the line is a reject that shows its bytes instead.
+            reason = (
+                f"not valid UTF-8 (byte {line[e.start]:#04x} at byte {e.start + 1} of the line); "
+                "re-encode the file as UTF-8"
+            )
+            out.append((i + 1, line.decode("utf-8", errors="backslashreplace"), reason))
+            continue
+        if text.strip():
+            out.append((i + 1, text, None))
+    return out
 
 
 def detect_format(raws: list[str], sample: int = 50) -> str:
@@ -110,18 +183,24 @@ def split_files(batch: pa.Table, files: dict[str, InputFile], fmt: str) -> pa.Ta
         f = files[path]
         try:
             items = _items(data, path)
-            file_fmt = fmt if fmt != "auto" else detect_format([raw for _, raw in items])
+            texts = [raw for _, raw, error in items if error is None]
+            file_fmt = fmt if fmt != "auto" else detect_format(texts)
+        except UnicodeDecodeError as e:  # a JSON array that is not UTF-8
+            line = data[: e.start].count(b"\n") + 1
+            items = [(line, "cannot read the file: not valid UTF-8; re-encode it as UTF-8", None)]
+            file_fmt = UNREADABLE
         except (json.JSONDecodeError, pa.ArrowInvalid) as e:
             # One reject for the whole file (at the parser's line), so fail/skip and the
             # accounting treat it like any bad row; raising here would lose the message
             # inside Ray's task error.
             line = e.lineno if isinstance(e, json.JSONDecodeError) else 1
-            items, file_fmt = [(line, f"cannot read the file: {e}")], UNREADABLE
-        for line, raw in items:
+            items, file_fmt = [(line, f"cannot read the file: {e}", None)], UNREADABLE
+        for line, raw, error in items:
             cols["file"].append(f.display)
             cols["line"].append(line)
             cols["order"].append(f.order)
             cols["split_hint"].append(f.split_hint)
             cols["format"].append(file_fmt)
             cols["raw"].append(raw)
+            cols["bad_encoding"].append(error)
     return pa.table(cols, schema=RAW_SCHEMA)

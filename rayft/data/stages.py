@@ -66,8 +66,16 @@ PREFERENCE_SCHEMA = pa.schema(
         ("num_tokens", pa.int32()),
     ]
 )
-# What the tokenize step adds for the driver's accounting; dropped before writing.
-BOOKKEEPING = [("split", pa.string()), ("overlength", pa.string())]
+# What the tokenize step adds for the driver's accounting; dropped before writing. Rows the
+# chat template refuses carry error_kind, error_field, reason and raw, as rejects do above.
+BOOKKEEPING = [
+    ("split", pa.string()),
+    ("overlength", pa.string()),
+    ("error_kind", pa.string()),
+    ("error_field", pa.string()),
+    ("reason", pa.string()),
+    ("raw", pa.string()),
+]
 PACKED_SCHEMA = pa.schema(
     [(c, INT_LIST) for c in ("input_ids", "labels", "position_ids", "seq_lengths")]
 )
@@ -119,13 +127,14 @@ def clean_row(
     return ex
 
 
-def content_parts(ex: formats.Example) -> list[str]:
+def content_parts(ex: formats.Example) -> list[tuple[str, str]]:
+    """(role, text) of everything an example says, for the dedupe keys."""
     if ex.messages is not None:
-        return [f"{m['role']} {m['content']}" for m in ex.messages]
+        return [(m["role"], m["content"]) for m in ex.messages]
     if ex.text is not None:
-        return [ex.text]
-    prompt = [f"{m['role']} {m['content']}" for m in ex.prompt or []]
-    return [*prompt, f"chosen {ex.chosen}", f"rejected {ex.rejected}"]
+        return [("text", ex.text)]
+    prompt = [(m["role"], m["content"]) for m in ex.prompt or []]
+    return [*prompt, ("chosen", ex.chosen or ""), ("rejected", ex.rejected or "")]
 
 
 def validate_clean(
@@ -143,20 +152,26 @@ def validate_clean(
         out = dict.fromkeys(CLEAN_SCHEMA.names)
         out.update({k: row[k] for k in ("file", "line", "order", "split_hint", "format")})
         try:
+            if row["bad_encoding"] is not None:  # not text: there is nothing to parse
+                raise RowError("bad_encoding", "(row)", row["bad_encoding"])
             ex = clean_row(row["raw"], row["format"], normalize, pii_types, counts)
         except RowError as e:
             out.update(error_kind=e.kind, error_field=e.field, reason=e.reason, raw=row["raw"])
         else:
-            key = dedupe.content_key(content_parts(ex))
+            parts = content_parts(ex)
             out.update(
-                id=dedupe.content_id(key),
+                id=dedupe.content_id(dedupe.exact_key(parts)),
                 kind=ex.kind,
                 messages=json.dumps(ex.messages, ensure_ascii=False) if ex.messages else "",
                 text=ex.text or "",
                 prompt=json.dumps(ex.prompt, ensure_ascii=False) if ex.prompt else None,
                 chosen=ex.chosen,
                 rejected=ex.rejected,
-                minhash=dedupe.signature(key, num_perm, shingle_size) if near else None,
+                minhash=(
+                    dedupe.signature(dedupe.near_key(parts), num_perm, shingle_size)
+                    if near
+                    else None
+                ),
             )
             for t in PII_TYPES:
                 out[f"pii_{t}"] = counts[t]
@@ -214,9 +229,21 @@ class Tokenize:
             {"messages": json.loads(r["messages"]) if r["messages"] else None, "text": r["text"]}
             for r in rows
         ]
-        encoded = tokens.tokenize_sft(self.tok, sft_rows, self.assistant_only)
+        rendered, errors = [], {}
+        for i, row in enumerate(sft_rows):
+            try:
+                rendered.append(tokens.render_sft(self.tok, row, self.assistant_only))
+            except RowError as e:  # only chat rows meet a template
+                errors[i] = e
+        encoded = iter(tokens.encode_sft(self.tok, rendered))
         out = []
-        for r, (text, ids, labels) in zip(rows, encoded, strict=True):
+        for i, r in enumerate(rows):
+            keep = {k: r[k] for k in ("id", "source", "kind", "messages", "split")}
+            if i in errors:
+                row = {"messages": sft_rows[i]["messages"]}
+                out.append(_template_reject(keep, errors[i], row))
+                continue
+            text, ids, labels = next(encoded)
             status = ""
             if len(ids) > self.max_len:
                 if self.overlength == "truncate":
@@ -230,7 +257,7 @@ class Tokenize:
                 ids, labels = [], []
             out.append(
                 {
-                    **{k: r[k] for k in ("id", "source", "kind", "messages", "split")},
+                    **keep,
                     "text": text,
                     "input_ids": ids,
                     "labels": labels,
@@ -243,22 +270,35 @@ class Tokenize:
     def _preference(self, rows: list[dict[str, Any]]) -> pa.Table:
         out = []
         for r in rows:
-            n = tokens.preference_tokens(
-                self.tok, json.loads(r["prompt"]), r["chosen"], r["rejected"]
-            )
+            keep = {k: r[k] for k in ("id", "source", "kind", "prompt", "chosen", "rejected")}
+            keep["split"] = r["split"]
+            prompt = json.loads(r["prompt"])
+            try:
+                n = tokens.preference_tokens(self.tok, prompt, r["chosen"], r["rejected"])
+            except RowError as e:
+                row = {"prompt": prompt, "chosen": r["chosen"], "rejected": r["rejected"]}
+                out.append(_template_reject(keep, e, row))
+                continue
             status = ""
             if n > self.max_len:
                 # Text columns cannot be cut here; TRL truncates to max_length at train time.
                 status = "truncated" if self.overlength == "truncate" else "dropped"
-            out.append(
-                {
-                    **{k: r[k] for k in ("id", "source", "kind", "prompt", "chosen", "rejected")},
-                    "split": r["split"],
-                    "num_tokens": n,
-                    "overlength": status,
-                }
-            )
+            out.append({**keep, "num_tokens": n, "overlength": status})
         return pa.Table.from_pylist(out, schema=_with_bookkeeping(PREFERENCE_SCHEMA))
+
+
+def _template_reject(keep: dict[str, Any], e: RowError, row: dict[str, Any]) -> dict[str, Any]:
+    # Rejected after dedupe and split: the driver adds it to the rejects, and split_rows
+    # leaves it out. `raw` is the cleaned row, since the input line is not carried this far.
+    return {
+        **keep,
+        "num_tokens": 0,
+        "overlength": "",
+        "error_kind": e.kind,
+        "error_field": e.field,
+        "reason": e.reason,
+        "raw": json.dumps(row, ensure_ascii=False),
+    }
 
 
 def _with_bookkeeping(schema: pa.Schema) -> pa.Schema:
@@ -271,10 +311,11 @@ def _with_bookkeeping(schema: pa.Schema) -> pa.Schema:
 
 
 def split_rows(batch: pa.Table, name: str | None, columns: list[str]) -> pa.Table:
-    """Rows of split `name` (None: all splits) that were not dropped, in `columns`."""
+    """Rows of split `name` (None: all splits) that were neither dropped nor rejected, in
+    `columns`."""
     import pyarrow.compute as pc
 
-    mask = pc.not_equal(batch["overlength"], "dropped")
+    mask = pc.and_(pc.not_equal(batch["overlength"], "dropped"), pc.is_null(batch["error_kind"]))
     if name is not None:
         mask = pc.and_(mask, pc.equal(batch["split"], name))
     return batch.filter(mask).select(columns)

@@ -43,7 +43,9 @@ def merge_dtype(cfg: JobConfig) -> torch.dtype:
         return getattr(torch, quant_dtype)
     if cfg.training.precision != "auto":
         return _PRECISION[cfg.training.precision]
-    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    # The training side's own rule (bf16 on GPU workers, fp32 on CPU), not this machine's: an
+    # adapter trained in bf16 on GPUs and merged on a CPU box stays bf16, and vice versa.
+    return torch.bfloat16 if cfg.cluster.use_gpu else torch.float32
 
 
 def _check_trained_base(manifest: dict, cfg: JobConfig) -> None:

@@ -103,8 +103,11 @@ def build_app(cfg: JobConfig):
         for name, path in settings.model_dirs.items()
     }
     # The ingress queue bounds what waits in front of the engines; past it the proxy answers 503.
+    # It is sized for the most engine replicas there can be, so that autoscaled engines are
+    # not starved behind a single ingress replica.
+    most_replicas = s.autoscaling.max_replicas if s.autoscaling else s.num_replicas
     return Ingress.options(
-        max_ongoing_requests=4 * s.max_ongoing_requests * s.num_replicas,
+        max_ongoing_requests=4 * s.max_ongoing_requests * most_replicas,
         max_queued_requests=s.max_queued_requests,
         ray_actor_options={"num_cpus": 0},
     ).bind(engines, settings)
@@ -121,20 +124,26 @@ def start(cfg: JobConfig) -> str:
     return f"http://{cfg.serve.host}:{cfg.serve.port}/v1"
 
 
-def stop() -> None:
+def stop(shutdown: bool = True) -> None:
+    """Remove the rayft application; `shutdown` also stops Serve itself, which would take down
+    every other application too, so it is only for a Ray that rayft started."""
     from ray import serve
 
     serve.delete(APP_NAME)
-    serve.shutdown()
+    if shutdown:
+        serve.shutdown()
 
 
 def serve(cfg: JobConfig) -> None:
     """Serve until Ctrl-C or SIGTERM, then remove the deployments (and the embedded Ray)."""
-    from rayft.cluster.connect import local_cpus, ray_session
+    import ray
+
+    from rayft.cluster.connect import local_cpus, ray_session, resolve_address
 
     def on_term(signum, frame):
         raise KeyboardInterrupt
 
+    embedded = not ray.is_initialized() and resolve_address(cfg.cluster.address) is None
     with ray_session(
         cfg.cluster.address,
         num_cpus=local_cpus(cfg.cluster.num_workers, cfg.cluster.cpus_per_worker),
@@ -156,7 +165,7 @@ def serve(cfg: JobConfig) -> None:
             pass
         finally:
             signal.signal(signal.SIGTERM, previous)
-            stop()
+            stop(shutdown=embedded)
             log = read_jsonl(cfg.run_path / "serve" / "requests.jsonl")
             print(
                 f"rayft serve: stopped after {time.time() - started:.0f} s; "

@@ -34,10 +34,10 @@ def export_model(checkpoint_dir: Path, dest: Path, base_path: str, peft: bool) -
     return dest
 
 
-def read_metrics(path: Path, skip_lines: int = 0) -> list[dict[str, Any]]:
+def read_metrics(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
-    lines = path.read_text().splitlines()[skip_lines:]
+    lines = path.read_text().splitlines()
     return [json.loads(line) for line in lines if line.strip()]
 
 

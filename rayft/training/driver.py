@@ -20,6 +20,7 @@ from rayft.training.artifacts import export_model, read_metrics, summarize, writ
 from rayft.training.checks import TrainConfigError, objective_for, refuse_bad_combinations
 from rayft.training.data import data_kind, read_splits
 from rayft.training.dsconfig import deepspeed_config
+from rayft.training.flops import flops_per_token, mfu, parameter_count
 from rayft.training.report import MetricsFile
 from rayft.training.worker import train_loop_per_worker
 
@@ -56,7 +57,7 @@ def train(cfg: JobConfig, resume: bool = False) -> TrainArtifacts:
     _check_resume(storage, cfg.name, resume)
 
     metrics_path = run_dir / "metrics.jsonl"
-    lines_before = len(read_metrics(metrics_path))
+    session_start = time.time()  # this session's rows: metrics.jsonl may be rewritten
     with ray_session(
         cfg.cluster.address,
         num_cpus=local_cpus(cfg.cluster.num_workers, cfg.cluster.cpus_per_worker),
@@ -80,7 +81,7 @@ def train(cfg: JobConfig, resume: bool = False) -> TrainArtifacts:
     with result.checkpoint.as_directory() as ckpt:
         export_model(Path(ckpt), out_dir, base_path, peft)
     summary = summarize(
-        read_metrics(metrics_path, skip_lines=lines_before),
+        [r for r in read_metrics(metrics_path) if r.get("time", 0) >= session_start],
         wall,
         method=t.method,
         objective=objective,
@@ -88,6 +89,13 @@ def train(cfg: JobConfig, resume: bool = False) -> TrainArtifacts:
         zero_stage=t.deepspeed.zero_stage,
         checkpoint=result.checkpoint.path,
         workers=_workers(run_dir),
+    )
+    per_token = flops_per_token(parameter_count(base_path), t.method)
+    summary["model_flops_per_token"] = per_token
+    summary["mfu"] = mfu(
+        summary["tokens_per_s"] or 0.0,
+        per_token,
+        [w.get("device", "cpu") for w in summary["workers"]],
     )
     data_hash = _data_hash(run_dir, data_dir)
     write_card(out_dir, cfg, base_path, data_hash, summary)
@@ -99,7 +107,7 @@ def train(cfg: JobConfig, resume: bool = False) -> TrainArtifacts:
     print(
         f"[rayft train] done: {summary['steps']} steps, {summary['tokens']} tokens in "
         f"{wall:.0f}s, loss {summary['final_loss']}, eval loss {summary['final_eval_loss']} "
-        f"-> {out_dir}",
+        f"{'' if summary['mfu'] is None else ', MFU {:.1%}'.format(summary['mfu'])} -> {out_dir}",
         flush=True,
     )
     return TrainArtifacts(run_dir, out_dir, result.checkpoint.path, metrics_path, summary)
@@ -145,8 +153,7 @@ def _worker_config(
         "ddp_find_unused_parameters": False,
     }
     if t.tracking.backends:
-        hf["logging_dir"] = str(Path(cfg.run_dir).resolve() / "tracking")
-        hf["run_name"] = t.tracking.project or cfg.name
+        hf["run_name"] = cfg.name
     return {
         "base_path": base_path,
         "revision": cfg.model.revision,
@@ -167,7 +174,28 @@ def _worker_config(
         "max_seq_len": cfg.data.max_seq_len,
         "hf": hf,
         "fault": _fault_from_env(),
+        "tracking_env": _tracking_env(cfg),
     }
+
+
+def _tracking_env(cfg: JobConfig) -> dict[str, str]:
+    """Where the trackers write, as the environment variables HF's callbacks read (transformers
+    5 dropped `TrainingArguments.logging_dir`). Local trackers write under `run_dir/tracking/`
+    unless the user's own environment already points them somewhere."""
+    backends, project = cfg.training.tracking.backends, cfg.training.tracking.project or cfg.name
+    root = Path(cfg.run_dir).resolve() / "tracking"
+    env: dict[str, str] = {}
+    if "tensorboard" in backends:
+        env["TENSORBOARD_LOGGING_DIR"] = str(root / "tensorboard")
+    if "mlflow" in backends:
+        env["MLFLOW_EXPERIMENT_NAME"] = project
+        env["MLFLOW_TRACKING_URI"] = os.environ.get("MLFLOW_TRACKING_URI") or (
+            (root / "mlruns").as_uri()
+        )
+    if "wandb" in backends:
+        env["WANDB_PROJECT"] = project
+        env["WANDB_DIR"] = os.environ.get("WANDB_DIR") or str(root)
+    return env
 
 
 def _torch_trainer(cfg: JobConfig, splits: dict, storage: str, run_dir: Path, loop_config: dict):

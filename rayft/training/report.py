@@ -8,8 +8,9 @@ end, instead of one report per step. Rank 0 prints each step as it happens, so p
 reaches the driver.
 `MetricsFile` runs in the Ray Train controller, which Ray pins to the driver's node: it appends
 rank 0's buffered rows to `<run_dir>/metrics.jsonl` and prints evaluations and checkpoints.
-Rows logged after the last checkpoint of a worker that dies are lost with it; the restored run
-logs those steps again, so every step appears once.
+A restored (or `--resume`d) run logs again the steps after its checkpoint: rows that the dead
+run had already flushed for those steps (an evaluation flushes before the checkpoint of the same
+step is saved) are replaced, so every step appears once in metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from typing import Any
 
 import ray.train
 from transformers import TrainerCallback
+
+from rayft.training.artifacts import read_metrics
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -42,6 +45,7 @@ class RayReport(TrainerCallback):
         self.tokens0: int | None = None
         self.rank = ray.train.get_context().get_world_rank()
         self.node_id = ray.get_runtime_context().get_node_id()
+        self.device = _device_name()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = dict(logs or {})
@@ -73,7 +77,7 @@ class RayReport(TrainerCallback):
         """One collective report of the buffered rows. A checkpoint report carries the latest
         losses at top level: Ray Train keeps the N best checkpoints by `eval_loss`."""
         rows, self.rows = self.rows, []
-        metrics = {"event": event, "rows": rows, "node_id": self.node_id}
+        metrics = {"event": event, "rows": rows, "node_id": self.node_id, "device": self.device}
         if step is not None:
             metrics.update(self.last, step=step)
         ray.train.report(metrics, **checkpoint)
@@ -101,6 +105,14 @@ class RayReport(TrainerCallback):
             checkpoint_dir_name=name,
             checkpoint_upload_fn=upload_fn,
         )
+
+
+def _device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.cuda.current_device())
+    return "cpu"
 
 
 def _fires(spec: dict[str, Any], step: int) -> bool:
@@ -139,19 +151,38 @@ class MetricsFile(ray.train.UserCallback):
         self.run_dir = run_dir
         self.max_steps = max_steps
         self.nodes_written = False
+        self.last_step: int | None = None  # the highest step in metrics.jsonl
+
+    def _append(self, rows: list[dict[str, Any]]) -> None:
+        path = Path(self.run_dir) / "metrics.jsonl"
+        if self.last_step is None:
+            self.last_step = max((r["step"] for r in read_metrics(path)), default=0)
+        # Training rows come once per step in step order, so a training row at or below the
+        # last step written means the steps from it on are being replayed after a restore.
+        first = next((r["step"] for r in rows if "loss" in r), None)
+        if first is not None and first <= self.last_step:
+            kept = [r for r in read_metrics(path) if r["step"] < first]
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            tmp.replace(path)
+        with open(path, "a") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+        self.last_step = max(r["step"] for r in rows)
 
     def after_report(self, run_context, metrics, checkpoint):
         if not metrics:
             return
         run_dir = Path(self.run_dir)
         if not self.nodes_written and all("node_id" in m for m in metrics):
-            nodes = [{"rank": i, "node_id": m["node_id"]} for i, m in enumerate(metrics)]
+            nodes = [
+                {"rank": i, "node_id": m["node_id"], "device": m.get("device", "cpu")}
+                for i, m in enumerate(metrics)
+            ]
             (run_dir / "workers.json").write_text(json.dumps(nodes, indent=2) + "\n")
             self.nodes_written = True
         rows = metrics[0].get("rows", [])
         if rows:
-            with open(run_dir / "metrics.jsonl", "a") as f:
-                f.writelines(json.dumps(row) + "\n" for row in rows)
+            self._append(rows)
         for row in rows:
             if "eval_loss" in row:
                 print(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import tempfile
 from typing import Any
 
@@ -28,6 +29,7 @@ def _train(config: dict[str, Any], output_dir: str) -> None:
     from transformers import AutoTokenizer
 
     objective, kind = config["objective"], config["kind"]
+    os.environ.update(config["tracking_env"])  # read by HF's tracker callbacks
     if config["ds_config"]:
         _join_deepspeed(config["use_gpu"])
     # TrainingArguments first: under ZeRO-3 they register the DeepSpeed config that
