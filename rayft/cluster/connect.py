@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import socket
 from collections.abc import Iterator
 
 import ray
@@ -19,6 +20,12 @@ def local_cpus(num_workers: int = 1, cpus_per_worker: float = 1.0) -> int:
     workers need plus two for the Ray Data tasks that feed them. With only os.cpu_count() on a
     2-core machine, two workers take every CPU and the data pipeline waits forever for one."""
     return max(os.cpu_count() or 1, math.ceil(num_workers * cpus_per_worker) + 2)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def resolve_address(address: str | None) -> str | None:
@@ -32,14 +39,20 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         yield
         return
     target = resolve_address(address)
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
+    # Train V2 patches print() in its workers to also log each line through a logger that goes
+    # to the console too: with Ray's own stdout capture every `[rayft train]` line came twice.
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
     if target:
         ray.init(address=target, runtime_env=env, log_to_driver=True)
     else:
         ray.init(
             address="local",
             num_cpus=num_cpus or os.cpu_count(),
-            include_dashboard=False,
+            # Ray Train's placement-group cleaner polls the State API, which the dashboard
+            # serves: without it, a warning every second. The port is any free one, so two
+            # embedded Rays on one machine never collide.
+            include_dashboard=True,
+            dashboard_port=_free_port(),
             runtime_env=env,
             log_to_driver=True,
         )

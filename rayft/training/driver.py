@@ -106,7 +106,7 @@ def train(cfg: JobConfig, resume: bool = False) -> TrainArtifacts:
     )  # fmt: skip
     print(
         f"[rayft train] done: {summary['steps']} steps, {summary['tokens']} tokens in "
-        f"{wall:.0f}s, loss {summary['final_loss']}, eval loss {summary['final_eval_loss']} "
+        f"{wall:.0f}s, loss {summary['final_loss']}, eval loss {summary['final_eval_loss']}"
         f"{'' if summary['mfu'] is None else ', MFU {:.1%}'.format(summary['mfu'])} -> {out_dir}",
         flush=True,
     )

@@ -27,6 +27,7 @@ def _train(config: dict[str, Any], output_dir: str) -> None:
     resuming from the latest Ray Train checkpoint when there is one."""
     from datasets import Dataset, IterableDataset
     from transformers import AutoTokenizer
+    from transformers.trainer_callback import PrinterCallback
 
     objective, kind = config["objective"], config["kind"]
     os.environ.update(config["tracking_env"])  # read by HF's tracker callbacks
@@ -90,6 +91,8 @@ def _train(config: dict[str, Any], output_dir: str) -> None:
         from trl import SFTTrainer
 
         trainer = SFTTrainer(**common, data_collator=collate_padding_free)
+    # HF's PrinterCallback prints every log dict on every rank; RayReport prints rank 0's line.
+    trainer.remove_callback(PrinterCallback)
     _read_own_shard(trainer)
 
     checkpoint = ray.train.get_checkpoint()
