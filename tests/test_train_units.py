@@ -234,6 +234,7 @@ def test_mfu_from_parameters_tokens_and_device_peaks(tiny_model):
         p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model).parameters()
     )
     assert flops_per_token(n, "full") == 6 * n and flops_per_token(n, "lora") == 4 * n
+    assert peak_tflops("NVIDIA L40") == 181.0 and peak_tflops("NVIDIA L4") == 121.0
     assert (
         peak_tflops("NVIDIA H100 PCIe") == 756.0 and peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
     )

@@ -8,13 +8,14 @@ PaLM paper's MFU, so the figure is comparable across sequence lengths.
 from __future__ import annotations
 
 # Dense bf16 tensor-core peaks in TFLOP/s (vendor data sheets, without sparsity). The most
-# specific name comes first: "H100 PCIe" must not match "H100".
+# specific name comes first: "H100 PCIe" must not match "H100", nor "L40" "L4".
 PEAK_BF16_TFLOPS = (
     ("H200", 989.0),
     ("H100 PCIe", 756.0),
     ("H100", 989.0),
     ("A100", 312.0),
     ("L40S", 362.0),
+    ("L40", 181.0),
     ("L4", 121.0),
 )
 
