@@ -33,10 +33,11 @@ def resolve_address(address: str | None) -> str | None:
 
 
 @contextlib.contextmanager
-def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[None]:
-    """Use the Ray that is already initialised, the cluster at `address`, or start a local one."""
+def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[bool]:
+    """Use the Ray that is already initialised, the cluster at `address`, or start a local one.
+    Yields whether this session started that local Ray (what it may stop, it alone owns)."""
     if ray.is_initialized():
-        yield
+        yield False
         return
     target = resolve_address(address)
     # Train V2 patches print() in its workers to also log each line through a logger that goes
@@ -57,6 +58,6 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
             log_to_driver=True,
         )
     try:
-        yield
+        yield not target
     finally:
         ray.shutdown()

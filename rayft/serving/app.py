@@ -136,18 +136,15 @@ def stop(shutdown: bool = True) -> None:
 
 def serve(cfg: JobConfig) -> None:
     """Serve until Ctrl-C or SIGTERM, then remove the deployments (and the embedded Ray)."""
-    import ray
-
-    from rayft.cluster.connect import local_cpus, ray_session, resolve_address
+    from rayft.cluster.connect import local_cpus, ray_session
 
     def on_term(signum, frame):
         raise KeyboardInterrupt
 
-    embedded = not ray.is_initialized() and resolve_address(cfg.cluster.address) is None
     with ray_session(
         cfg.cluster.address,
         num_cpus=local_cpus(cfg.cluster.num_workers, cfg.cluster.cpus_per_worker),
-    ):
+    ) as embedded:
         # After ray.init: Ray installs its own SIGTERM handler, which would abort the process.
         previous = signal.signal(signal.SIGTERM, on_term)
         started = time.time()
