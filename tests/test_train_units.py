@@ -241,3 +241,28 @@ def test_mfu_from_parameters_tokens_and_device_peaks(tiny_model):
     # 2 x H200 at 100k tokens/s of a 1B model, LoRA: 4e9 * 1e5 / (2 * 989e12)
     assert mfu(1e5, 4e9, ["NVIDIA H200", "NVIDIA H200"]) == pytest.approx(4e14 / 1.978e15)
     assert mfu(1e5, 4e9, ["cpu", "cpu"]) is None and mfu(1e5, 4e9, []) is None
+
+
+def test_metrics_file_replaces_the_steps_a_restored_run_replays(tmp_path):
+    """An evaluation flushes rows 4..6 before checkpoint 6, the run dies, and the restore from
+    checkpoint 3 logs 4..6 again: metrics.jsonl keeps each step once, the replayed values."""
+    from rayft.training.report import MetricsFile
+
+    def loss(step, value):
+        return {"step": step, "loss": value}
+
+    first = MetricsFile(str(tmp_path), max_steps=8)
+    first.after_report(None, [{"rows": [loss(s, 1.0) for s in (1, 2, 3)]}], None)
+    first.after_report(
+        None, [{"rows": [*[loss(s, 1.0) for s in (4, 5, 6)], {"step": 6, "eval_loss": 9.0}]}], None
+    )
+    # `rayft train --resume` is a new process: a new MetricsFile over the same file.
+    resumed = MetricsFile(str(tmp_path), max_steps=8)
+    resumed.after_report(None, [{"rows": [loss(s, 2.0) for s in (4, 5, 6, 7)]}], None)
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r.get("loss")) for r in rows] == [
+        (1, 1.0), (2, 1.0), (3, 1.0), (4, 2.0), (5, 2.0), (6, 2.0), (7, 2.0)
+    ]  # fmt: skip
+    # The final summary row (no loss) at the last step written is not a replay.
+    resumed.after_report(None, [{"rows": [{"step": 7, "train_runtime": 1.0}]}], None)
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 8
