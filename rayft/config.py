@@ -389,6 +389,12 @@ class ServeConfig(_Section):
         description="Admin key for /admin/* (adapters, experiments); env RAYFT_ADMIN_KEY wins.",
     )
     engine: Literal["transformers", "vllm"] = Field("transformers", description="Inference engine.")
+    dora: Literal["native", "merge"] = Field(
+        "native",
+        description="DoRA adapters: `native` serves them on the engine where it can "
+        "(transformers); `merge` merges each into the base and serves it as its own deployment "
+        "under the adapter's name. vLLM has no DoRA, so there DoRA adapters are always merged.",
+    )
     adapters: dict[str, str] = Field(
         default_factory=dict, description="Adapter name -> path (run dir, adapter dir or s3://)."
     )

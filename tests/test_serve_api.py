@@ -15,7 +15,7 @@ from collections import Counter
 
 import pytest
 import requests
-from test_serve_units import make_adapter, make_merged
+from test_serve_units import make_adapter, make_merged, native_answer
 
 from rayft.config import JobConfig
 
@@ -39,6 +39,7 @@ def server(ray_local, tiny_model, tmp_path_factory):
     a1 = make_adapter(tiny_model, run / "a1", seed=1)
     a2 = make_adapter(tiny_model, run / "a2", seed=2)
     make_adapter(tiny_model, run / "train3" / "adapter", seed=3)  # a run dir, for hot loading
+    make_adapter(tiny_model, run / "dora4", seed=4, dora=True)  # served merged (serve.dora)
     merged = make_merged(tiny_model, a1, run / "merged1")
     cfg = JobConfig(
         run_dir=str(run),
@@ -54,6 +55,7 @@ def server(ray_local, tiny_model, tmp_path_factory):
             "max_n": 4,
             "num_replicas": 2,  # adapters load lazily on each replica: hot loads must reach both
             "cpus_per_replica": 0.5,  # 4 replicas in 2 of the session's 4 logical CPUs
+            "dora": "merge",  # the engine declares DoRA unsupported, as vLLM does
         },
     )
     url = start(cfg)
@@ -292,3 +294,76 @@ def test_admin_refuses_unsafe_adapters(server, tmp_path):
         assert r.json()["error"]["param"] == "path"
     models = {m.id for m in client(url).models.list()}
     assert "bad" not in models
+
+
+def admin(method: str, url: str, path: str, body=None) -> requests.Response:
+    return requests.request(
+        method,
+        url.removesuffix("/v1") + path,
+        json=body,
+        timeout=300,  # a merged fallback deploys replicas before it answers
+        headers={"Authorization": f"Bearer {ADMIN}"},
+    )
+
+
+def test_dora_adapter_the_engine_cannot_serve_gets_a_merged_deployment(server, tiny_model):
+    from ray import serve
+    from transformers import AutoTokenizer
+
+    cfg, url = server
+    r = admin("POST", url, "/admin/adapters", {"name": "d4", "path": "dora4"})
+    assert r.status_code == 200, r.text
+    info = r.json()
+    assert info["dora"] and info["served_as"] == "merged"
+    merged = cfg.run_path.resolve() / "serve" / "merged"
+    assert info["model_dir"].startswith(str(merged))
+    assert "rayft-merged-d4" in serve.status().applications
+    assert "d4" in {m.id for m in client(url).models.list()}
+    tok = AutoTokenizer.from_pretrained(tiny_model)  # the ids the ingress sends for HI
+    text = tok.apply_chat_template(HI, add_generation_prompt=True, tokenize=False)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    want = native_answer(tiny_model, cfg.run_path / "dora4", ids, 8)
+    assert chat_text(url, "d4") == want != chat_text(url, "base")
+    # ... and as an experiment's arm, created through the admin API
+    r = admin("POST", url, "/admin/experiments", {"name": "dx", "arms": {"d4": 1}})
+    assert r.status_code == 200, r.text
+    raw = client(url).chat.completions.with_raw_response.create(
+        model="dx", messages=HI, max_tokens=8, temperature=0
+    )
+    assert raw.headers["x-rayft-arm"] == "d4" and raw.parse().choices[0].message.content == want
+    assert admin("DELETE", url, "/admin/adapters/d4").status_code == 400  # an arm of dx
+    assert admin("DELETE", url, "/admin/experiments/dx").status_code == 200
+    r = admin("DELETE", url, "/admin/adapters/d4")
+    assert r.status_code == 200, r.text
+    r = post(url, "/v1/chat/completions", {"model": "d4", "messages": HI, "max_tokens": 2})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    assert "d4" not in {m.id for m in client(url).models.list()}
+    assert "rayft-merged-d4" not in serve.status().applications
+    assert not list(merged.glob("d4-*"))  # its merged weights are gone with it
+
+
+def test_admin_experiments_create_list_delete(server):
+    _, url = server
+    assert post(url, "/admin/experiments", {"name": "e2", "arms": {"a2": 1}}).status_code == 401
+    for body, status, param in [
+        ({"name": "e2", "arms": {"base": 1, "nope": 1}}, 404, "model"),
+        ({"name": "e2", "arms": {"base": 0}}, 400, "arms"),
+        ({"name": "e2", "arms": {"exp": 1}}, 400, "arms"),  # an experiment is no arm
+        ({"name": "a1", "arms": {"base": 1}}, 400, "name"),  # would shadow adapter a1
+        ({"name": "../e2", "arms": {"base": 1}}, 400, "name"),
+    ]:
+        r = admin("POST", url, "/admin/experiments", body)
+        assert r.status_code == status, (body, r.text)
+        assert r.json()["error"]["param"] == param
+    r = admin("POST", url, "/admin/experiments", {"name": "e2", "arms": {"a2": 3}, "shadow": "a1"})
+    assert r.status_code == 200, r.text
+    listed = admin("GET", url, "/admin/experiments").json()["experiments"]
+    assert listed["e2"] == {"arms": {"a2": 3}, "shadow": "a1"} and "exp" in listed
+    assert "e2" in {m.id for m in client(url).models.list()}
+    r = post(url, "/v1/completions", {"model": "e2", "prompt": "q", "max_tokens": 1})
+    assert r.status_code == 200 and r.headers["x-rayft-arm"] == "a2"
+    assert admin("DELETE", url, "/admin/experiments/e2").status_code == 200
+    assert "e2" not in admin("GET", url, "/admin/experiments").json()["experiments"]
+    r = post(url, "/v1/completions", {"model": "e2", "prompt": "q", "max_tokens": 1})
+    assert r.status_code == 404
+    assert admin("DELETE", url, "/admin/experiments/e2").status_code == 404

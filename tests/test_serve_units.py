@@ -50,6 +50,27 @@ def make_merged(base: str, adapter: Path, out: Path) -> Path:
     return out
 
 
+def native_answer(base: str, adapter: Path, ids: list[int], max_tokens: int) -> str:
+    """Greedy answer of base + adapter through PEFT's own (unmerged) layers: the reference a
+    merged fallback must reproduce."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval()
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=max_tokens,
+            do_sample=False,
+            pad_token_id=tok.eos_token_id,
+        )[0, len(ids) :].tolist()
+    if tok.eos_token_id in out:
+        out = out[: out.index(tok.eos_token_id)]
+    return tok.decode(out, skip_special_tokens=True)
+
+
 @pytest.fixture(scope="module")
 def adapters(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("root")
@@ -337,3 +358,39 @@ def test_app_builder_for_serve_config_files(tiny_model, tmp_path):
     assert isinstance(app_builder({"config": str(job)}), Application)
     with pytest.raises(ServeConfigError, match=r"serve.experiments.e: arm 'nope'"):
         app_builder({"config": str(job), "overrides": ["serve.experiments={e: {arms: {nope: 1}}}"]})
+
+
+def test_config_dora_adapter_is_served_merged_when_the_engine_cannot(tiny_model, tmp_path):
+    """`serve.dora: merge` (the CPU twin of vLLM): a configured DoRA adapter becomes a verified
+    merged model directory served under its own name, and answers as the adapter does."""
+    from rayft.config import JobConfig
+    from rayft.serving.app import _settings
+    from rayft.serving.hf_engine import TransformersEngine
+    from rayft.serving.protocol import GenRequest
+
+    dora = make_adapter(tiny_model, tmp_path / "dora", seed=5, dora=True)
+    lora = make_adapter(tiny_model, tmp_path / "lora", seed=6)
+    cfg = JobConfig(
+        run_dir=str(tmp_path / "run"),
+        model={"base": tiny_model},
+        serve={
+            "dora": "merge",
+            "adapters": {"d1": str(dora), "a1": str(lora)},
+            "experiments": {"e": {"arms": {"d1": 1, "a1": 1}}},
+        },
+    )
+    s = _settings(cfg)
+    assert set(s.adapters) == {"a1"} and s.merged["d1"]["app"] is None
+    merged = Path(s.model_dirs["d1"])
+    assert merged.is_relative_to((tmp_path / "run" / "serve" / "merged").resolve())
+    assert list(merged.glob("*.safetensors")) and not list(merged.glob("*.bin"))
+    assert _settings(cfg).model_dirs["d1"] == str(merged)  # the same weights: merged once
+    engine = TransformersEngine(str(merged))
+    ids = engine.tokenizer("hello world")["input_ids"]
+    got = engine.generate([GenRequest(ids, 8, 0.0)])[0].text
+    assert got == native_answer(tiny_model, dora, ids, 8)
+    assert got != TransformersEngine(tiny_model).generate([GenRequest(ids, 8, 0.0)])[0].text
+    # The engine that declared DoRA unsupported refuses it, should one reach it anyway.
+    strict = TransformersEngine(tiny_model, dora="merge")
+    (out,) = strict.generate([GenRequest(ids, 4, 0.0, adapter=fingerprint("d1", dora))])
+    assert isinstance(out, AdapterRefused) and "serve.dora: merge" in str(out)

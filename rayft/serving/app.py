@@ -8,13 +8,15 @@ import signal
 import time
 from pathlib import Path
 
-from rayft.config import JobConfig
+from rayft.config import JobConfig, ServeConfig
 from rayft.errors import RayftError
 from rayft.serving.ab import read_jsonl, report
 from rayft.serving.adapters import base_linears, check_compatible, fingerprint, resolve_adapter
 from rayft.serving.errors import ServeError
+from rayft.serving.merged import kind, merge_adapter
 
 APP_NAME = "rayft"
+MERGED_APP = APP_NAME + "-merged-"  # + adapter name: admin-loaded merged fallbacks
 
 
 class ServeConfigError(RayftError):
@@ -23,9 +25,11 @@ class ServeConfigError(RayftError):
 
 def _settings(cfg: JobConfig):
     from rayft import models
+    from rayft.serving.engine_server import engine_class
     from rayft.serving.ingress import Settings
 
     s = cfg.serve
+    kinds = engine_class(s.engine).serves(s.dora)
     base_dir = models.resolve(cfg.model.base, cfg.model.revision)
     dirs = {"base": base_dir}
     for name, path in s.models.items():
@@ -34,11 +38,15 @@ def _settings(cfg: JobConfig):
         dirs[name] = models.resolve(path, pull_missing=False)
     serve_dir = cfg.run_path.resolve() / "serve"
     linears = base_linears(base_dir)
-    adapters = {}
+    adapters, merged = {}, {}
     for name, spec in s.adapters.items():
         try:  # the config is the operator's own: no root check, but the same file rules
             path = resolve_adapter(spec, None, serve_dir / "adapter_cache")
             check_compatible(path, linears, s.max_lora_rank)
+            if kind(path) not in kinds:  # served as its own engine deployment, in this app
+                dirs[name] = merge_adapter(cfg, name, path)
+                merged[name] = {"adapter": str(path), "model": dirs[name], "app": None}
+                continue
         except ServeError as e:
             raise ServeConfigError(f"serve.adapters.{name}: {e.message}") from None
         adapters[name] = fingerprint(name, path)
@@ -57,12 +65,44 @@ def _settings(cfg: JobConfig):
         serve_dir=str(serve_dir),
         adapter_root=str(Path(s.adapter_root or cfg.run_dir).resolve()),
         adapters=adapters,
+        adapter_kinds=kinds,
+        merged=merged,
+        job=cfg,
         experiments={n: e.model_dump() for n, e in s.experiments.items()},
         api_key=os.environ.get("RAYFT_API_KEY") or s.api_key,
         admin_key=os.environ.get("RAYFT_ADMIN_KEY") or s.admin_key,
         max_tokens_limit=s.max_tokens_limit,
         max_n=s.max_n,
         max_lora_rank=s.max_lora_rank,
+    )
+
+
+def engine_deployment(s: ServeConfig, name: str, path: str):
+    """The engine deployment `engine-<name>` of one model directory (bound, not yet running)."""
+    from rayft.serving.engine_server import EngineServer
+
+    scaling = (
+        {"autoscaling_config": s.autoscaling.model_dump()}
+        if s.autoscaling
+        else {"num_replicas": s.num_replicas}
+    )
+    return EngineServer.options(
+        name=f"engine-{name}",
+        max_ongoing_requests=s.max_ongoing_requests,
+        max_queued_requests=s.max_queued_requests,
+        ray_actor_options={"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica},
+        health_check_period_s=5,
+        **scaling,
+    ).bind(
+        s.engine,
+        path,
+        s.max_loaded_adapters,
+        s.max_lora_rank,
+        s.max_batch_size,
+        s.batch_wait_ms / 1000,
+        max(1, int(s.cpus_per_replica)),
+        s.gpus_per_replica,
+        s.dora,
     )
 
 
@@ -73,35 +113,10 @@ def build_app(cfg: JobConfig):
         from rayft.serving.vllm_engine import _import_vllm
 
         _import_vllm()  # fail here, with the install hint, not inside a replica
-    from rayft.serving.engine_server import EngineServer
     from rayft.serving.ingress import Ingress
 
     settings = _settings(cfg)
-    scaling = (
-        {"autoscaling_config": s.autoscaling.model_dump()}
-        if s.autoscaling
-        else {"num_replicas": s.num_replicas}
-    )
-    engines = {
-        name: EngineServer.options(
-            name=f"engine-{name}",
-            max_ongoing_requests=s.max_ongoing_requests,
-            max_queued_requests=s.max_queued_requests,
-            ray_actor_options={"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica},
-            health_check_period_s=5,
-            **scaling,
-        ).bind(
-            s.engine,
-            path,
-            s.max_loaded_adapters,
-            s.max_lora_rank,
-            s.max_batch_size,
-            s.batch_wait_ms / 1000,
-            max(1, int(s.cpus_per_replica)),
-            s.gpus_per_replica,
-        )
-        for name, path in settings.model_dirs.items()
-    }
+    engines = {name: engine_deployment(s, name, path) for name, path in settings.model_dirs.items()}
     # The ingress queue bounds what waits in front of the engines; past it the proxy answers 503.
     # It is sized for the most engine replicas there can be, so that autoscaled engines are
     # not starved behind a single ingress replica.
@@ -120,6 +135,7 @@ def start(cfg: JobConfig) -> str:
     registry = cfg.run_path / "serve" / "adapters.json"
     registry.unlink(missing_ok=True)  # admin loads of an earlier `rayft serve` are not revived
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    _delete_merged_apps()  # nor are their merged deployments (left by a crash)
     serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
     return f"http://{cfg.serve.host}:{cfg.serve.port}/v1"
 
@@ -129,9 +145,18 @@ def stop(shutdown: bool = True) -> None:
     every other application too, so it is only for a Ray that rayft started."""
     from ray import serve
 
+    _delete_merged_apps()
     serve.delete(APP_NAME)
     if shutdown:
         serve.shutdown()
+
+
+def _delete_merged_apps() -> None:
+    from ray import serve
+
+    for app in serve.status().applications:
+        if app.startswith(MERGED_APP):
+            serve.delete(app)
 
 
 def serve(cfg: JobConfig) -> None:

@@ -17,21 +17,33 @@ from ray import serve
 from rayft.serving.protocol import GenRequest, GenResult
 
 
-def make_engine(
-    kind: str, model_path: str, max_loaded_adapters: int, max_lora_rank: int, gpus: float = 0
-):
+def engine_class(kind: str) -> type:
+    """The engine class of `serve.engine` (importing it does not import vLLM itself)."""
     if kind == "vllm":
         from rayft.serving.vllm_engine import VllmEngine
 
-        return VllmEngine(
+        return VllmEngine
+    from rayft.serving.hf_engine import TransformersEngine
+
+    return TransformersEngine
+
+
+def make_engine(
+    kind: str,
+    model_path: str,
+    max_loaded_adapters: int,
+    max_lora_rank: int,
+    gpus: float = 0,
+    dora: str = "native",
+):
+    if kind == "vllm":
+        return engine_class(kind)(
             model_path,
             max_loras=max_loaded_adapters,
             max_lora_rank=max_lora_rank,
             tensor_parallel_size=max(1, int(gpus)),  # a replica's GPUs shard the model
         )
-    from rayft.serving.hf_engine import TransformersEngine
-
-    return TransformersEngine(model_path, max_loaded_adapters, max_lora_rank)
+    return engine_class(kind)(model_path, max_loaded_adapters, max_lora_rank, dora=dora)
 
 
 @serve.deployment
@@ -46,12 +58,13 @@ class EngineServer:
         batch_wait_s: float,
         threads: int,
         gpus: float = 0,
+        dora: str = "native",
     ):
         import torch
 
         # Replicas share the machine's cores with each other: oversubscribed BLAS threads thrash.
         torch.set_num_threads(max(1, threads))
-        self.engine = make_engine(kind, model_path, max_loaded_adapters, max_lora_rank, gpus)
+        self.engine = make_engine(kind, model_path, max_loaded_adapters, max_lora_rank, gpus, dora)
         self.generate_batch.set_max_batch_size(max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(batch_wait_s)
 

@@ -4,7 +4,9 @@ Requests for different adapters share one `generate` call: LoRA layers add per-r
 deltas with two batched matmuls (`lora_batch`), or, for layer kinds it does not cover, through
 PEFT's mixed-adapter batches (`adapter_names=`), so eight adapters cost one forward pass per
 token, not eight. DoRA cannot join mixed batches, so a DoRA adapter is merged into its own copy
-of the base (the in-replica "merged fallback") and batched separately.
+of the base (the in-replica "merged fallback") and batched separately; with `serve.dora:
+merge` the engine declares DoRA unsupported instead, and rayft serves each DoRA adapter as its
+own merged deployment: the path vLLM takes, so that path runs on CPU in the tests.
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ class TransformersEngine:
         max_loaded_adapters: int = 16,
         max_lora_rank: int = 64,
         device: str | None = None,
+        dora: str = "native",
     ):
+        self.adapter_kinds = self.serves(dora)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -61,6 +65,11 @@ class TransformersEngine:
 
     # ------------------------------------------------------------------ adapters
 
+    @staticmethod
+    def serves(dora: str = "native") -> frozenset[str]:
+        """Adapter kinds this engine serves itself (`serve.dora`)."""
+        return frozenset({"lora", "dora"} if dora == "native" else {"lora"})
+
     def check_adapter(self, path: str) -> dict:
         return check_compatible(Path(path), self.base_linears, self.max_rank)
 
@@ -73,6 +82,12 @@ class TransformersEngine:
             self._resident.move_to_end(ref.key)
         else:
             info = self.check_adapter(ref.path)
+            if info["dora"] and "dora" not in self.adapter_kinds:
+                raise AdapterRefused(
+                    f"adapter {ref.name!r} is DoRA, which this engine does not serve "
+                    "(serve.dora: merge); it is served as a merged deployment instead",
+                    "model",
+                )
             if info["dora"]:
                 self._merged[ref.key] = self._merge_copy(ref)
             else:

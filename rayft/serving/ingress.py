@@ -9,20 +9,24 @@ the request log and the Prometheus metrics. Model replicas are reached through h
 import asyncio
 import hmac
 import json
+import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.exceptions import RayTaskError
-from ray.serve.exceptions import BackPressureError
+from ray.serve.exceptions import BackPressureError, RayServeException
 from ray.serve.handle import DeploymentHandle
 
+from rayft.config import JobConfig
 from rayft.serving import openai_api as oa
 from rayft.serving.ab import JsonlLog, read_jsonl
 from rayft.serving.adapters import base_linears, check_compatible, fingerprint, resolve_adapter
+from rayft.serving.app import MERGED_APP, engine_deployment
 from rayft.serving.errors import (
     AdapterRefused,
     BadRequest,
@@ -31,9 +35,14 @@ from rayft.serving.errors import (
     ServeError,
     Unauthorized,
 )
+from rayft.serving.merged import kind, merge_adapter
 from rayft.serving.metrics import Metrics
 from rayft.serving.protocol import AdapterRef, GenRequest, GenResult
 from rayft.serving.routing import Target, resolve
+
+# Merges of admin-loaded adapters run in a task, not in the ingress process (which would keep
+# the peak memory of two models). No CPU reserved: a full cluster must not leave it pending.
+_merge_task = ray.remote(num_cpus=0, max_retries=0)(merge_adapter)
 
 
 @dataclass
@@ -46,6 +55,11 @@ class Settings:
     serve_dir: str  # <run_dir>/serve
     adapter_root: str
     adapters: dict[str, AdapterRef] = field(default_factory=dict)
+    adapter_kinds: frozenset[str] = frozenset({"lora"})  # what the engine serves itself
+    # adapter name -> {"adapter": dir, "model": merged dir, "app": None (in this app) or the
+    # Serve application of an admin-loaded one}: adapters served as merged models
+    merged: dict[str, dict] = field(default_factory=dict)
+    job: JobConfig | None = None  # for merges and engine deployments made at run time
     experiments: dict[str, dict] = field(default_factory=dict)
     api_key: str | None = None
     admin_key: str | None = None
@@ -78,16 +92,11 @@ def _server_error(e: BaseException) -> JSONResponse:
 @serve.ingress(api)
 class Ingress:
     def __init__(self, engines: dict[str, DeploymentHandle], settings: Settings):
-        from transformers import AutoConfig, AutoTokenizer
-
-        self.engines = engines
+        self.engines = dict(engines)
         self.s = settings
-        self.tokenizers = {
-            n: AutoTokenizer.from_pretrained(d) for n, d in settings.model_dirs.items()
-        }
-        configs = {n: AutoConfig.from_pretrained(d) for n, d in settings.model_dirs.items()}
-        self.context = {n: c.max_position_embeddings for n, c in configs.items()}
-        self.vocab = {n: c.vocab_size for n, c in configs.items()}
+        self.tokenizers, self.context, self.vocab = {}, {}, {}
+        for name, path in settings.model_dirs.items():
+            self._add_model(name, path)
         self.linears = base_linears(settings.model_dirs["base"])
         serve_dir = Path(settings.serve_dir)
         self.requests = JsonlLog(serve_dir / "requests.jsonl")
@@ -95,6 +104,7 @@ class Ingress:
         self.registry_file = serve_dir / "adapters.json"
         self.adapters = dict(settings.adapters)
         self.experiments = dict(settings.experiments)
+        self.merged = dict(settings.merged)
         self._restore_registry()
         self.arm_of: dict[str, dict] = {}  # response id -> log record, for feedback
         self.metrics = Metrics()
@@ -127,18 +137,41 @@ class Ingress:
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise BadRequest("The body is not valid JSON", code="invalid_json") from None
 
+    def _add_model(self, name: str, path: str) -> None:
+        from transformers import AutoConfig, AutoTokenizer
+
+        self.tokenizers[name] = AutoTokenizer.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path)
+        self.context[name] = config.max_position_embeddings
+        self.vocab[name] = config.vocab_size
+
+    def _drop_model(self, name: str) -> None:
+        for table in (self.engines, self.tokenizers, self.context, self.vocab):
+            table.pop(name, None)
+
     def _restore_registry(self) -> None:
         # Admin-loaded adapters outlive an ingress restart within the same `rayft serve`.
-        if self.registry_file.exists():
-            # The file holds the whole state, unloads of configured adapters included.
-            saved = json.loads(self.registry_file.read_text())
-            self.adapters = {n: AdapterRef(**a) for n, a in saved["adapters"].items()}
-            self.experiments = saved["experiments"]
+        if not self.registry_file.exists():
+            return
+        # The file holds the whole state, unloads of configured adapters included.
+        saved = json.loads(self.registry_file.read_text())
+        self.adapters = {n: AdapterRef(**a) for n, a in saved["adapters"].items()}
+        self.experiments = saved["experiments"]
+        self.merged = saved.get("merged", {})
+        for name in set(self.s.merged) - set(self.merged):  # configured, then unloaded
+            self._drop_model(name)
+        for name, m in self.merged.items():
+            if m["app"] is not None:  # admin-loaded: its own application, still running
+                self.engines[name] = serve.get_deployment_handle(
+                    f"engine-{name}", app_name=m["app"]
+                )
+                self._add_model(name, m["model"])
 
     def _save_registry(self) -> None:
         data = {
             "adapters": {n: vars(a) for n, a in self.adapters.items()},
             "experiments": self.experiments,
+            "merged": self.merged,
         }
         tmp = self.registry_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(data, indent=2))
@@ -301,6 +334,18 @@ class Ingress:
         body = (oa.chat_body if chat else oa.completion_body)(rid, req.model, results, len(ids))
         return JSONResponse(body, headers=headers)
 
+    async def _first(self, pieces):
+        try:
+            return await pieces.__anext__()
+        except StopAsyncIteration:
+            return None
+        except BackPressureError:
+            raise Overloaded("The server is at capacity; retry later", code="overloaded") from None
+        except RayTaskError as e:  # e.g. an adapter that could not be loaded
+            if isinstance(e.cause, ServeError):
+                raise e.cause from None
+            raise
+
     async def _sse(self, rid: str, req, target: Target, gen: GenRequest, chat: bool):
         started, status, done = time.perf_counter(), 500, None
 
@@ -409,6 +454,7 @@ class Ingress:
             resident[name] = await handle.loaded_adapters.remote()
         return {
             "adapters": {n: a.path for n, a in self.adapters.items()},
+            "merged": self.merged,  # adapters served as merged models of their own
             "resident_on_replica": resident,
             "experiments": self.experiments,
         }
@@ -419,7 +465,7 @@ class Ingress:
         spec = oa.parse(oa.AdapterLoad, await self._body(request))
         if (
             spec.name in ("base", self.s.base_alias)
-            or spec.name in self.engines
+            or (spec.name in self.engines and spec.name not in self.merged)
             or spec.name in self.experiments
         ):
             raise BadRequest(f"name {spec.name!r} is taken by a model or experiment", "name")
@@ -430,20 +476,61 @@ class Ingress:
             Path(self.s.serve_dir) / "adapter_cache",
         )
         info = check_compatible(path, self.linears, self.s.max_lora_rank)
-        if info["dora"] and self.s.engine_kind == "vllm":
-            raise AdapterRefused(
-                f"{spec.path}: DoRA adapters cannot be served by vLLM; merge it "
-                "(`rayft merge`) and list the result in serve.models",
-                "path",
-            )
+        if kind(path) not in self.s.adapter_kinds:
+            model = await self._deploy_merged(spec.name, path)
+            return {"status": "loaded", "name": spec.name, "path": str(path), **info, **model}
+        if spec.name in self.merged:  # the name served a merged model until now
+            await self._delete_merged(spec.name)
         self.adapters[spec.name] = fingerprint(spec.name, path)
         self._save_registry()
         return {"status": "loaded", "name": spec.name, "path": str(path), **info}
 
+    async def _deploy_merged(self, name: str, path: Path) -> dict:
+        """Merge the adapter into the base and serve it as application `rayft-merged-<name>`."""
+        try:
+            model = await _merge_task.remote(self.s.job, name, str(path))
+        except RayTaskError as e:
+            if isinstance(e.cause, ServeError):
+                raise e.cause from None
+            raise
+        app = MERGED_APP + name
+        try:  # blocks until its replicas run: answered requests never reach a missing model
+            handle = await asyncio.to_thread(
+                serve.run,
+                engine_deployment(self.s.job.serve, name, model),
+                name=app,
+                route_prefix=None,
+            )
+        except RayServeException as e:
+            raise AdapterRefused(
+                f"{path} needs a merged deployment (the engine does not serve "
+                f"{kind(path)} adapters), and Serve refused to deploy it: {e}. Where Serve is "
+                "run from a config file (KubeRay RayService), merge it with `rayft merge` and "
+                "list the result in serve.models",
+                "path",
+            ) from None
+        await asyncio.to_thread(self._add_model, name, model)
+        old = self.merged.get(name)
+        self.engines[name] = handle
+        self.merged[name] = {"adapter": str(path), "model": model, "app": app}
+        self.adapters.pop(name, None)
+        self._save_registry()
+        if old and old["app"] and old["model"] != model:  # the same name with other weights
+            shutil.rmtree(Path(old["model"]).parent, ignore_errors=True)
+        return {"served_as": "merged", "model_dir": model}
+
+    async def _delete_merged(self, name: str) -> None:
+        m = self.merged.pop(name)
+        self._drop_model(name)  # no request reaches it from now on
+        self._save_registry()
+        if m["app"] is not None:  # configured ones live in this app until the next start
+            await asyncio.to_thread(serve.delete, m["app"])
+            shutil.rmtree(Path(m["model"]).parent, ignore_errors=True)
+
     @api.delete("/admin/adapters/{name}")
     async def admin_unload(self, name: str, request: Request) -> dict:
         self._admin(request)
-        if name not in self.adapters:
+        if name not in self.adapters and name not in self.merged:
             raise NotFound(f"No adapter named {name!r}", "name")
         users = [
             e for e, x in self.experiments.items() if name in x["arms"] or x.get("shadow") == name
@@ -452,18 +539,32 @@ class Ingress:
             raise BadRequest(
                 f"adapter {name!r} is an arm of experiment(s) {users}; delete those first", "name"
             )
+        if name in self.merged:
+            await self._delete_merged(name)
+            return {"status": "unloaded", "name": name}
         # Replicas drop its weights by LRU; no request can reach it from now on.
         del self.adapters[name]
         self._save_registry()
         return {"status": "unloaded", "name": name}
 
+    @api.get("/admin/experiments")
+    async def admin_experiments(self, request: Request) -> dict:
+        self._admin(request)
+        return {"experiments": self.experiments}
+
     @api.post("/admin/experiments")
     async def admin_experiment(self, request: Request) -> dict:
         self._admin(request)
         spec = oa.parse(oa.ExperimentSpec, await self._body(request))
+        if spec.name in ("base", self.s.base_alias) or spec.name in (
+            set(self.engines) | set(self.adapters)
+        ):
+            raise BadRequest(f"name {spec.name!r} is taken by a model or adapter", "name")
         if not spec.arms or any(w < 0 for w in spec.arms.values()) or sum(spec.arms.values()) <= 0:
             raise BadRequest("arms need weights >= 0 that sum to more than 0", "arms")
         for arm in [*spec.arms, *([spec.shadow] if spec.shadow else [])]:
+            if arm in self.experiments or arm == spec.name:
+                raise BadRequest(f"arm {arm!r} is an experiment; arms are models", "arms")
             self._route(arm, None)  # unknown arm -> 404 naming it
         self.experiments[spec.name] = {"arms": spec.arms, "shadow": spec.shadow}
         self._save_registry()

@@ -43,6 +43,14 @@ class GenResult:
 
 
 class Engine(Protocol):
+    adapter_kinds: frozenset[str]  # "lora", "dora": what it serves; the rest is merged first
+
+    @staticmethod
+    def serves(dora: str = "native") -> frozenset[str]:
+        """The adapter kinds an engine built with this `serve.dora` serves itself (known before
+        any replica starts, so config adapters can be merged while the app is built)."""
+        ...
+
     def generate(self, requests: list[GenRequest]) -> list[GenResult | ServeError]:
         """Answer a batch; requests may name different adapters. An entry is a ServeError when
         that request alone failed (its adapter could not be loaded)."""

@@ -46,6 +46,7 @@ class VllmEngine:
             max_lora_rank=max_lora_rank,
             tensor_parallel_size=tensor_parallel_size,
         )
+        self.adapter_kinds = self.serves()
         self._ids: dict[str, int] = {}  # adapter key -> vLLM's integer LoRA id
         self._lock = threading.Lock()
 
@@ -88,6 +89,12 @@ class VllmEngine:
         result = self.generate([request])[0]
         yield result.text
         yield GenResult("", result.prompt_tokens, result.completion_tokens, result.finish_reason)
+
+    @staticmethod
+    def serves(dora: str = "native") -> frozenset[str]:
+        """Adapter kinds vLLM serves itself: its LoRA kernels have no DoRA magnitude vector, so
+        DoRA adapters are merged and served as their own deployments whatever `serve.dora` says."""
+        return frozenset({"lora"})
 
     def check_adapter(self, path: str) -> dict:
         return {"path": path}
