@@ -1,10 +1,16 @@
 """Template rendering, tokenization and label masking with the base model's own tokenizer.
 
-Labels come from rendering the chat template for each prefix of the conversation: the text an
+Labels come from the chat template's renderings of the conversation's prefixes: the text an
 assistant turn adds (after the generation prompt) is a character span of the full rendering,
 and tokens starting inside such spans keep their labels. This works with any prefix-stable
 template, including SmolLM2's, which has no `{% generation %}` markers for
 `return_assistant_tokens_mask`.
+
+Rendering every prefix of every row costs two template renders per answer. Rows of one shape
+(the same roles in the same order) share one *skeleton*: the conversation rendered once with a
+placeholder for each content, with the spans found on its prefix renderings. A row's own full
+rendering must then equal the skeleton with its contents filled in; where it does not (a
+template that edits or inspects contents), the row takes the prefix renderings itself.
 
 A conversation the template itself refuses (many templates raise on roles out of order) is
 one bad row, not a broken job: it becomes a `template_error` RowError for the rejects.
@@ -12,25 +18,34 @@ one bad row, not a broken job: it becomes a `template_error` RowError for the re
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from typing import Any
 
 import jinja2
+import numpy as np
 
 from rayft.data.formats import RowError
 from rayft.errors import RayftError
 
 IGNORE = -100
+# Placeholders for contents in skeletons: private-use characters no cleaned text carries
+# around a number, and no template edits.
+_HOLE = "\ue000{}\ue001"
+_HOLES = re.compile("\ue000(\\d+)\ue001")
+_SKELETONS: dict[tuple, _Skeleton | None] = {}
 
 
 class TemplateError(RayftError):
     """The tokenizer's chat template cannot be used for label masking."""
 
 
-def _apply(tok: Any, messages: list[dict[str, str]], field: str, **kwargs: Any) -> str:
+def _apply(tok: Any, messages: list[dict[str, Any]], field: str, **kwargs: Any) -> str:
     """The template's text for `messages`; a refusal is this row's error, not the job's."""
     try:
         return tok.apply_chat_template(messages, tokenize=False, **kwargs)
-    except (jinja2.TemplateError, ValueError) as e:
+    except (jinja2.TemplateError, ValueError, TypeError) as e:
+        # TypeError: a template that does not expect a field (content null beside tool_calls)
         raise RowError(
             "template_error",
             field,
@@ -38,17 +53,28 @@ def _apply(tok: Any, messages: list[dict[str, str]], field: str, **kwargs: Any) 
         ) from None
 
 
-def render_chat(tok: Any, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
-    """Full template text and the character spans of the assistant answers."""
-    full = _apply(tok, messages, "messages")
+def _unstable(tok: Any, k: int) -> TemplateError:
+    return TemplateError(
+        f"chat template of {tok.name_or_path} is not prefix-stable (rendering the first "
+        f"{k + 1} messages is not a prefix of the whole conversation), so assistant "
+        "turns cannot be located for label masking; set data.assistant_only_loss: false "
+        "or use a tokenizer with a prefix-stable template"
+    )
+
+
+def _prefix_spans(
+    tok: Any, messages: list[dict[str, Any]], full: str, tools: list | None = None
+) -> list[tuple[int, int]]:
+    """Answer spans from renderings of the prefixes of `messages` (two per answer)."""
+    kw: dict[str, Any] = {"tools": tools} if tools else {}
     spans = []
     for k, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
         last = k == len(messages) - 1  # the whole rendering is this prefix: skip a render
-        end_text = full if last else _apply(tok, messages[: k + 1], "messages")
+        end_text = full if last else _apply(tok, messages[: k + 1], "messages", **kw)
         if k:
-            start_text = _apply(tok, messages[:k], "messages", add_generation_prompt=True)
+            start_text = _apply(tok, messages[:k], "messages", add_generation_prompt=True, **kw)
             stable = full.startswith(start_text) and full.startswith(end_text)
             start = len(start_text)
         else:
@@ -58,30 +84,89 @@ def render_chat(tok: Any, messages: list[dict[str, str]]) -> tuple[str, list[tup
             # answer's own text, the last occurrence in its rendering (only end-of-turn
             # markers follow it); at 0 if the template rewrote the text.
             stable = full.startswith(end_text)
-            start = max(end_text.rfind(m["content"]), 0)
+            content = m.get("content") or ""  # null beside tool_calls
+            start = max(end_text.rfind(content), 0) if content else 0
         if not stable:
-            raise TemplateError(
-                f"chat template of {tok.name_or_path} is not prefix-stable (rendering the first "
-                f"{k + 1} messages is not a prefix of the whole conversation), so assistant "
-                "turns cannot be located for label masking; set data.assistant_only_loss: false "
-                "or use a tokenizer with a prefix-stable template"
-            )
+            raise _unstable(tok, k)
         spans.append((start, len(end_text)))
-    return full, spans
+    return spans
+
+
+@dataclass(frozen=True)
+class _Skeleton:
+    """A conversation shape rendered with content placeholders: the literal text between the
+    contents (`pieces`, one more than contents) and the answer spans as (piece, offset)."""
+
+    pieces: tuple[str, ...]
+    spans: tuple[tuple[tuple[int, int], tuple[int, int]], ...]
+
+
+def _skeleton(tok: Any, roles: tuple[str, ...]) -> _Skeleton | None:
+    """The skeleton of conversations with `roles`, or None where there is none to share (the
+    template refuses the shape, moves or repeats contents, or is not prefix-stable: those
+    rows take the prefix renderings, which raise the right error)."""
+    key = (tok.name_or_path, tok.chat_template, roles)
+    if key in _SKELETONS:
+        return _SKELETONS[key]
+    holes = [{"role": r, "content": _HOLE.format(i)} for i, r in enumerate(roles)]
+    skeleton = None
+    try:
+        text = _apply(tok, holes, "messages")
+        parts = _HOLES.split(text)  # literal, hole number, literal, ...
+        order = [int(x) for x in parts[1::2]]
+        if order == list(range(len(roles))):
+            spans = _prefix_spans(tok, holes, text)
+            skeleton = _Skeleton(
+                tuple(parts[0::2]), tuple((_locate(text, a), _locate(text, b)) for a, b in spans)
+            )
+    except (RowError, TemplateError):
+        pass
+    if len(_SKELETONS) > 4096:  # shapes are few; a bound keeps odd data from growing it
+        _SKELETONS.clear()
+    _SKELETONS[key] = skeleton
+    return skeleton
+
+
+def _locate(text: str, pos: int) -> tuple[int, int]:
+    """(piece, offset in piece) of skeleton position `pos` (never inside a placeholder)."""
+    piece, at = 0, 0
+    for m in _HOLES.finditer(text):
+        if m.start() >= pos:
+            break
+        piece, at = piece + 1, m.end()
+    return piece, pos - at
+
+
+def render_chat(
+    tok: Any, messages: list[dict[str, Any]], tools: list | None = None
+) -> tuple[str, list[tuple[int, int]]]:
+    """Full template text and the character spans of the assistant answers."""
+    full = _apply(tok, messages, "messages", **({"tools": tools} if tools else {}))
+    if tools is None and all(m.keys() == {"role", "content"} for m in messages):
+        sk = _skeleton(tok, tuple(m["role"] for m in messages))
+        if sk is not None:
+            contents = [m["content"] for m in messages]
+            starts, at = [], 0  # where each piece starts in the filled-in text
+            for i, piece in enumerate(sk.pieces):
+                starts.append(at)
+                at += len(piece) + (len(contents[i]) if i < len(contents) else 0)
+            filled = "".join(p + c for p, c in zip(sk.pieces, [*contents, ""], strict=True))
+            if filled == full:
+                return full, [(starts[a] + x, starts[b] + y) for (a, x), (b, y) in sk.spans]
+    return full, _prefix_spans(tok, messages, full, tools)
 
 
 def mask_labels(
     ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]
 ) -> list[int]:
     """Labels equal ids for tokens that start inside an answer span, else IGNORE."""
-    labels = []
-    j = 0
-    for tid, (start, _end) in zip(ids, offsets, strict=True):
-        while j < len(spans) and start >= spans[j][1]:
-            j += 1
-        inside = j < len(spans) and spans[j][0] <= start < spans[j][1]
-        labels.append(tid if inside else IGNORE)
-    return labels
+    if not ids:
+        return []
+    starts = np.fromiter((s for s, _ in offsets), dtype=np.int64, count=len(offsets))
+    # Spans are ordered and disjoint: a start inside one lies after an odd number of bounds.
+    bounds = np.asarray(spans, dtype=np.int64).reshape(-1)
+    inside = np.searchsorted(bounds, starts, side="right") % 2 == 1
+    return np.where(inside, np.asarray(ids, dtype=np.int64), IGNORE).tolist()
 
 
 def render_sft(
