@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pyarrow as pa
 import pytest
 from transformers import AutoTokenizer
 
@@ -110,7 +111,7 @@ def test_packing_keeps_examples_whole_and_positions_restart():
     lengths = [7, 3, 5, 2, 9, 4, 1, 6]
     ids = [[100 * k + j for j in range(n)] for k, n in enumerate(lengths)]
     labels = [[IGNORE] + x[1:] for x in ids]
-    packs = pack.pack(ids, labels, max_len=10)
+    packs = pack.pack(pa.table({"input_ids": ids, "labels": labels}), max_len=10).to_pylist()
     seen = []
     for p in packs:
         assert len(p["input_ids"]) == len(p["labels"]) == len(p["position_ids"]) <= 10

@@ -19,15 +19,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rayft.config import DataConfig, JobConfig
-from rayft.data import dedupe, report, sources, stages
-from rayft.data.pack import efficiency
+from rayft.data import dedupe, pack, report, sources, stages
 from rayft.errors import RayftError
 
 STAGING = ".splits"
+# Splits up to this many tokens are packed as a whole on the driver (int32 ids and labels:
+# 8 bytes a token, 128 MiB here): one plan over the whole split leaves one partly filled
+# sequence where packing per block leaves one per block. Larger splits pack per block.
+PACK_WHOLE_TOKENS = 16_000_000
 
 
 class DataValidationError(RayftError):
@@ -96,7 +100,7 @@ def prepare(cfg: JobConfig) -> DataArtifacts:
             .map_batches(
                 stages.Tokenize,
                 batch_format="pyarrow",
-                batch_size=d.batch_size,
+                batch_size=d.batch_size * 4,  # one leg-one block a batch
                 fn_constructor_kwargs={
                     "model_path": model_path,
                     "kind": kind,
@@ -108,7 +112,7 @@ def prepare(cfg: JobConfig) -> DataArtifacts:
             )
             .materialize()
         )
-        stats = _collect_tokenized(tokenized)
+        stats = _collect_tokenized(tokenized, packing=kind == "sft" and d.pack)
         # Rows the chat template refused are known only now: record them with the others.
         rejects = sorted(facts["rejects"] + stats["rejects"], key=lambda r: (r["file"], r["line"]))
         if stats["rejects"]:
@@ -264,12 +268,18 @@ def _single_kind(kinds: Counter) -> str:
     return next(iter(kinds))
 
 
-def _collect_tokenized(ds) -> dict[str, Any]:
+def _collect_tokenized(ds, packing: bool) -> dict[str, Any]:
+    """Counts, template rejects and the content hash; with `packing`, also the examples of
+    the splits to pack while they stay under PACK_WHOLE_TOKENS (None once they pass it)."""
     rows, tokens, dropped, truncated = Counter(), Counter(), 0, 0
     ids, rejects = [], []
+    to_pack: dict[str, list[pa.Table] | None] = {"train": [], "validation": []} if packing else {}
     columns = ["id", "source", "split", "num_tokens", "overlength"]
     columns += ["error_kind", "error_field", "reason", "raw"]
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        for name, parts in to_pack.items():
+            if parts is not None:
+                parts.append(stages.split_rows(batch, name, ["input_ids", "labels"]))
         for r in batch.select(columns).to_pylist():
             if r["error_kind"] is not None:
                 file, line = r["source"].rsplit(":", 1)
@@ -291,6 +301,9 @@ def _collect_tokenized(ds) -> dict[str, Any]:
             rows[r["split"]] += 1
             tokens[r["split"]] += r["num_tokens"]
             ids.append(f"{r['split']}:{r['id']}")
+        for name in to_pack:
+            if tokens[name] > PACK_WHOLE_TOKENS:
+                to_pack[name] = None
     # Content-addressed: the same prepared examples give the same hash, wherever they came from.
     digest = hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:16]
     return {
@@ -300,6 +313,7 @@ def _collect_tokenized(ds) -> dict[str, Any]:
         "truncated": truncated,
         "rejects": rejects,
         "hash": digest,
+        "to_pack": {n: pa.concat_tables(p) for n, p in to_pack.items() if p},
     }
 
 
@@ -334,27 +348,34 @@ def _write_packed(
         if not stats["rows"][name]:
             continue
         path = data_dir / "packed" / f"{name}.parquet"
-        packed = (
-            ds.map_batches(
-                stages.split_rows,
-                batch_format="pyarrow",
-                fn_kwargs={"name": name, "columns": ["input_ids", "labels"]},
+        whole = stats["to_pack"].get(name)
+        if whole is not None:
+            packed = pack.pack(whole, max_len)
+            path.mkdir(parents=True, exist_ok=True)
+            pq.write_table(packed, path / "packed.parquet", row_group_size=1024)
+            sequences[name] = packed.num_rows
+        else:
+            streamed = (
+                ds.map_batches(
+                    stages.split_rows,
+                    batch_format="pyarrow",
+                    fn_kwargs={"name": name, "columns": ["input_ids", "labels"]},
+                )
+                # Large batches: the plan leaves at most a partly filled bin or two per batch.
+                .map_batches(
+                    stages.pack_batch,
+                    batch_size=16384,
+                    batch_format="pyarrow",
+                    fn_kwargs={"max_len": max_len},
+                )
+                .materialize()
             )
-            # Large batches: best-fit decreasing leaves at most a partly filled bin or two per batch.
-            .map_batches(
-                stages.pack_batch,
-                batch_size=4096,
-                batch_format="pyarrow",
-                fn_kwargs={"max_len": max_len},
-            )
-            .materialize()
-        )
-        sequences[name] = packed.count()
-        packed.write_parquet(str(path.resolve()))
+            sequences[name] = streamed.count()
+            streamed.write_parquet(str(path.resolve()))
         out[name] = path
     real = sum(stats["tokens"][s] for s in sequences)
     packing = {
-        "efficiency": round(efficiency(real, sum(sequences.values()), max_len), 4),
+        "efficiency": round(pack.efficiency(real, sum(sequences.values()), max_len), 4),
         "sequences": sequences,
         "definition": "real tokens / (packed sequences x max_seq_len)",
     }

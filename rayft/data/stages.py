@@ -7,7 +7,6 @@ Each takes and returns a pyarrow Table with a fixed schema, so blocks from diffe
 from __future__ import annotations
 
 import json
-import random
 from collections import Counter
 from typing import Any
 
@@ -76,9 +75,6 @@ BOOKKEEPING = [
     ("reason", pa.string()),
     ("raw", pa.string()),
 ]
-PACKED_SCHEMA = pa.schema(
-    [(c, INT_LIST) for c in ("input_ids", "labels", "position_ids", "seq_lengths")]
-)
 
 
 # --------------------------------------------------------------------------- validate + clean
@@ -187,19 +183,19 @@ def keep_and_split(
     batch: pa.Table, drop: frozenset[str], validation: float, test: float, seed: int
 ) -> pa.Table:
     """Valid, non-duplicate rows with their `source` and `split`."""
-    rows = []
-    for r in batch.to_pylist():
-        source = f"{r['file']}:{r['line']}"
-        if r["error_kind"] is not None or source in drop:
-            continue
-        r["source"] = source
-        r["split"] = r["split_hint"] or split.assign(r["id"], validation, test, seed)
-        rows.append(r)
-    keep = ["id", "source", "kind", "messages", "text", "prompt", "chosen", "rejected", "split"]
-    schema = pa.schema(
-        [CLEAN_SCHEMA.field(c) if c in CLEAN_SCHEMA.names else (c, pa.string()) for c in keep]
-    )
-    return pa.Table.from_pylist([{k: r[k] for k in keep} for r in rows], schema=schema)
+    import pyarrow.compute as pc
+
+    source = pc.binary_join_element_wise(batch["file"], pc.cast(batch["line"], pa.string()), ":")
+    keep = pc.is_null(batch["error_kind"])
+    if drop:
+        keep = pc.and_(keep, pc.invert(pc.is_in(source, pa.array(list(drop), pa.string()))))
+    batch = batch.append_column("source", source).filter(keep)
+    hints, ids = batch["split_hint"].to_pylist(), batch["id"].to_pylist()
+    splits = [
+        h or split.assign(cid, validation, test, seed) for h, cid in zip(hints, ids, strict=True)
+    ]
+    keep_cols = ["id", "source", "kind", "messages", "text", "prompt", "chosen", "rejected"]
+    return batch.select(keep_cols).append_column("split", pa.array(splits, pa.string()))
 
 
 # --------------------------------------------------------------------------- tokenize
@@ -225,25 +221,21 @@ class Tokenize:
         return self._preference(rows) if self.kind == "preference" else self._sft(rows)
 
     def _sft(self, rows: list[dict[str, Any]]) -> pa.Table:
-        sft_rows = [
-            {"messages": json.loads(r["messages"]) if r["messages"] else None, "text": r["text"]}
-            for r in rows
-        ]
-        rendered, errors = [], {}
-        for i, row in enumerate(sft_rows):
+        cols: dict[str, list[Any]] = {name: [] for name in _with_bookkeeping(SFT_SCHEMA).names}
+        rendered, keep = [], []
+        for r in rows:
+            messages = json.loads(r["messages"]) if r["messages"] else None
             try:
-                rendered.append(tokens.render_sft(self.tok, row, self.assistant_only))
+                rendered.append(
+                    tokens.render_sft(
+                        self.tok, {"messages": messages, "text": r["text"]}, self.assistant_only
+                    )
+                )
             except RowError as e:  # only chat rows meet a template
-                errors[i] = e
-        encoded = iter(tokens.encode_sft(self.tok, rendered))
-        out = []
-        for i, r in enumerate(rows):
-            keep = {k: r[k] for k in ("id", "source", "kind", "messages", "split")}
-            if i in errors:
-                row = {"messages": sft_rows[i]["messages"]}
-                out.append(_template_reject(keep, errors[i], row))
+                _append(cols, _template_reject(r, e, {"messages": messages}))
                 continue
-            text, ids, labels = next(encoded)
+            keep.append(r)
+        for r, (text, ids, labels) in zip(keep, tokens.encode_sft(self.tok, rendered), strict=True):
             status = ""
             if len(ids) > self.max_len:
                 if self.overlength == "truncate":
@@ -255,17 +247,18 @@ class Tokenize:
                     status = "dropped"
             if status == "dropped":
                 ids, labels = [], []
-            out.append(
+            _append(
+                cols,
                 {
-                    **keep,
+                    **{k: r[k] for k in ("id", "source", "kind", "messages", "split")},
                     "text": text,
                     "input_ids": ids,
                     "labels": labels,
                     "num_tokens": len(ids),
                     "overlength": status,
-                }
+                },
             )
-        return pa.Table.from_pylist(out, schema=_with_bookkeeping(SFT_SCHEMA))
+        return pa.table(cols, schema=_with_bookkeeping(SFT_SCHEMA))
 
     def _preference(self, rows: list[dict[str, Any]]) -> pa.Table:
         out = []
@@ -285,6 +278,11 @@ class Tokenize:
                 status = "truncated" if self.overlength == "truncate" else "dropped"
             out.append({**keep, "num_tokens": n, "overlength": status})
         return pa.Table.from_pylist(out, schema=_with_bookkeeping(PREFERENCE_SCHEMA))
+
+
+def _append(cols: dict[str, list[Any]], row: dict[str, Any]) -> None:
+    for name, values in cols.items():
+        values.append(row.get(name))
 
 
 def _template_reject(keep: dict[str, Any], e: RowError, row: dict[str, Any]) -> dict[str, Any]:
@@ -322,7 +320,4 @@ def split_rows(batch: pa.Table, name: str | None, columns: list[str]) -> pa.Tabl
 
 
 def pack_batch(batch: pa.Table, max_len: int) -> pa.Table:
-    packs = pack.pack(batch["input_ids"].to_pylist(), batch["labels"].to_pylist(), max_len)
-    # Best-fit decreasing emits long examples first: shuffle so training sees no length curriculum.
-    random.Random(len(packs)).shuffle(packs)
-    return pa.Table.from_pylist(packs, schema=PACKED_SCHEMA)
+    return pack.pack(batch, max_len)
