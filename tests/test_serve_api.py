@@ -230,7 +230,9 @@ def test_replicas_from_config(server):
 def test_metrics_and_health(server):
     _, url = server
     root = url.removesuffix("/v1")
-    assert requests.get(root + "/health", timeout=30).json() == {"status": "ok"}
+    r = requests.get(root + "/health", timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json() == {"status": "ok", "engines": {"base": "ok", "m1": "ok"}}
     text = requests.get(root + "/metrics", timeout=30).text
     assert 'rayft_requests_total{arm="base",shadow="false",status="200"}' in text
     assert "rayft_request_latency_seconds_bucket" in text and "rayft_tokens_total" in text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -145,6 +146,51 @@ def test_killed_replica_loses_at_most_the_requests_in_flight(server):
     assert len(failures) <= clients, failures
     assert sum(k and s == 200 for k, s in results) >= 6  # the replacement serves
     assert handle.pid.remote().result() != victim_pid
+
+
+def test_health_is_503_while_an_engine_is_down(server):
+    """/health probes the engines: a killed replica makes it 503 with the engine named, until
+    Serve's replacement answers."""
+    import ray
+    from ray import serve
+
+    _, url = server
+    health = url.removesuffix("/v1") + "/health"
+    assert requests.get(health, timeout=30).json() == {"status": "ok", "engines": {"base": "ok"}}
+    handle = serve.get_deployment_handle("engine-base", app_name="rayft")
+    ray.kill(ray.get_actor(handle.actor_name.remote().result(), namespace="serve"))
+    seen: list[tuple[int, dict]] = []
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        r = requests.get(health, timeout=30)
+        seen.append((r.status_code, r.json()))
+        if r.status_code == 200 and any(s == 503 for s, _ in seen):
+            break
+        time.sleep(0.2)
+    down = [body for status, body in seen if status == 503]
+    assert down, seen
+    assert down[0]["status"] == "unavailable" and "engine base" in down[0]["reason"]
+    assert seen[-1][0] == 200, seen[-5:]
+
+
+def test_backpressure_on_streams_is_a_503_before_the_stream_starts(server):
+    _, url = server
+    body = {"model": "base", "prompt": "hello", "max_tokens": 300, "stream": True}
+
+    def stream() -> tuple[int, str]:
+        r = requests.post(url + "/completions", json=body, timeout=120)
+        return r.status_code, r.text
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda _: stream(), range(16)))
+    assert {s for s, _ in results} <= {200, 503}, results
+    # The ingress's own 503 (the engines' queues are full), not only the proxy's, and as an
+    # OpenAI error body with a status, never as an error event inside a 200 stream.
+    ours = [json.loads(t) for s, t in results if s == 503 and t.startswith("{")]
+    assert any(e["error"]["code"] == "overloaded" for e in ours), results
+    streamed = [t for s, t in results if s == 200]
+    assert streamed and all(t.endswith("data: [DONE]\n\n") for t in streamed)
+    assert not any('"error"' in t for t in streamed)
 
 
 def test_backpressure_answers_503_not_an_unbounded_queue(server):

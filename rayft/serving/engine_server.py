@@ -87,6 +87,11 @@ class EngineServer:
     def loaded_adapters(self) -> list[str]:
         return self.engine.loaded_adapters()
 
+    async def ping(self) -> str:
+        """The ingress's /health probe: answered on the event loop, so a replica that is busy
+        generating still answers, and one whose loop is stuck does not."""
+        return "ok"
+
     def actor_name(self) -> str:
         """This replica's Ray actor name (tests kill replicas by it)."""
         return ray.get_runtime_context().get_actor_name()

@@ -40,6 +40,7 @@ from rayft.serving.metrics import Metrics
 from rayft.serving.protocol import AdapterRef, GenRequest, GenResult
 from rayft.serving.routing import Target, resolve
 
+HEALTH_TIMEOUT_S = 5.0  # an engine that does not answer /health's probe within this is down
 # Merges of admin-loaded adapters run in a task, not in the ingress process (which would keep
 # the peak memory of two models). No CPU reserved: a full cluster must not leave it pending.
 _merge_task = ray.remote(num_cpus=0, max_retries=0)(merge_adapter)
@@ -86,6 +87,18 @@ def _server_error(e: BaseException) -> JSONResponse:
         }
     }
     return JSONResponse(body, status_code=500)
+
+
+# Before the class: Serve pickles the ingress class by value, with the globals defined so far.
+async def _prepend(first, rest):
+    if first is not None:
+        yield first
+        async for piece in rest:
+            yield piece
+
+
+async def _awaited(response):
+    return await response
 
 
 @serve.deployment
@@ -306,8 +319,18 @@ class Ingress:
         if req.stream:
             if req.n != 1:
                 raise BadRequest("stream=true supports n=1 only", "n")
+            started = time.perf_counter()
+            pieces = self.engines[target.engine].options(stream=True).stream.remote(gen)
+            try:  # wait for the first piece: errors before it get a real status, not an event
+                first = await self._first(pieces)
+            except ServeError as e:
+                self._log(rid, req, target, e.status, started, len(ids), stream=True)
+                raise
+            except Exception as e:
+                self._log(rid, req, target, 500, started, len(ids), stream=True)
+                return _server_error(e)
             return StreamingResponse(
-                self._sse(rid, req, target, gen, chat),
+                self._sse(rid, req, target, gen, chat, pieces, first, started),
                 headers=headers,
                 media_type="text/event-stream",
             )
@@ -346,8 +369,10 @@ class Ingress:
                 raise e.cause from None
             raise
 
-    async def _sse(self, rid: str, req, target: Target, gen: GenRequest, chat: bool):
-        started, status, done = time.perf_counter(), 500, None
+    async def _sse(
+        self, rid: str, req, target: Target, gen: GenRequest, chat: bool, pieces, first, started
+    ):
+        status, done = 500, None
 
         def event(obj: dict) -> str:
             return f"data: {json.dumps(obj)}\n\n"
@@ -357,8 +382,7 @@ class Ingress:
                 yield event(
                     oa.chat_chunk(rid, req.model, {"role": "assistant", "content": ""}, None)
                 )
-            handle = self.engines[target.engine].options(stream=True)
-            async for piece in handle.stream.remote(gen):
+            async for piece in _prepend(first, pieces):
                 if isinstance(piece, GenResult):  # the engine's closing summary
                     done = piece
                     continue
@@ -375,9 +399,6 @@ class Ingress:
             )
             yield "data: [DONE]\n\n"
             status = 200
-        except BackPressureError:
-            status = 503
-            yield event(Overloaded("The server is at capacity; retry later").body())
         except Exception as e:  # headers are sent already: report in-band, as OpenAI does
             cause = e.cause if isinstance(e, RayTaskError) else e
             body = cause.body() if isinstance(cause, ServeError) else None
@@ -436,8 +457,29 @@ class Ingress:
         )
 
     @api.get("/health")
-    async def health(self) -> dict:
-        return {"status": "ok"}
+    async def health(self) -> Response:
+        """200 when every engine deployment answers a probe; 503 naming the ones that do not."""
+        names = sorted(self.engines)
+        probes = await asyncio.gather(*[self._probe(n) for n in names])
+        states = dict(zip(names, probes, strict=True))
+        down = {n: s for n, s in states.items() if s not in ("ok", "busy")}
+        if down:
+            reason = "; ".join(f"engine {n}: {s}" for n, s in down.items())
+            body = {"status": "unavailable", "engines": states, "reason": reason}
+            return JSONResponse(body, status_code=503)
+        return JSONResponse({"status": "ok", "engines": states})
+
+    async def _probe(self, name: str) -> str:
+        response = self.engines[name].ping.remote()
+        try:
+            return await asyncio.wait_for(_awaited(response), HEALTH_TIMEOUT_S)
+        except BackPressureError:  # replicas up, queue full: serving, just not this probe
+            return "busy"
+        except TimeoutError:
+            response.cancel()
+            return f"no answer within {HEALTH_TIMEOUT_S:.0f} s"
+        except Exception as e:  # a dead or failing replica, no replica at all, ...
+            return f"{type(e).__name__}: {e}"[:300]
 
     @api.get("/metrics")
     async def metrics_endpoint(self) -> Response:
