@@ -211,7 +211,11 @@ class TrainingConfig(_Section):
     save_steps: int | None = Field(
         None, ge=1, description="Checkpoint every N steps (None: at the end)."
     )
-    keep_checkpoints: int = Field(2, ge=1, description="Keep the N best checkpoints by eval loss.")
+    keep_checkpoints: int = Field(
+        2,
+        ge=1,
+        description="Keep the N best checkpoints by eval loss (with a validation split; else the N latest), plus the latest, which restores and --resume continue from.",
+    )
     shard_cache_mb: int = Field(
         512,
         ge=0,

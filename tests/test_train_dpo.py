@@ -93,6 +93,11 @@ def test_dpo_lora_prepare_train_restore(ray_local, tiny_model, tmp_path, monkeyp
     assert any("eval_loss" in r for r in rows)
     assert art.summary["objective"] == "dpo"
     assert art.summary["steps"] == 6
+    # Tokens come from TRL's own DPO count (HF's counter sees no input_ids in DPO batches);
+    # no perplexity: exp of a preference loss is not one.
+    assert art.summary["tokens"] > 0 and art.summary["tokens_per_s"] > 0, art.summary
+    assert all("eval_perplexity" not in r for r in rows)
+    assert art.summary["final_eval_perplexity"] is None
 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -6,6 +6,13 @@ workers from the step-2 checkpoint: the same restore path as `--resume` (ray.tra
 -> HF resume_from_checkpoint), at the cost of one run instead of two. Each run must: finish all
 steps exactly once after the restore (resume continues at the right step), lower the loss, and
 leave an adapter/model that loads with plain transformers/PEFT.
+
+Riders on single cells, so they cost no extra run:
+- LoRA x ZeRO-2 trains with gradient accumulation (2 micro-batches), gradient checkpointing and
+  a warmup: the learning rate ramps then holds, and each optimizer step consumes two micro-batches
+  of data (more tokens than four of the largest packed rows could hold).
+- QLoRA x ZeRO-3 and DoRA x ZeRO-3 adapters, as `rayft train` wrote them, go through `rayft merge`
+  and its logits verification against base + adapter.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from rayft.training import train
 pytestmark = pytest.mark.slow
 
 
-def _run(run_dir, method: str, zero: int, lr: float = 1e-2):
+def _run(run_dir, method: str, zero: int, lr: float = 1e-2, **training):
     fault = {"sigkill": {"step": 3, "rank": 1, "marker": str(run_dir / "killed")}}
     cfg = JobConfig.model_validate(
         {
@@ -38,6 +45,7 @@ def _run(run_dir, method: str, zero: int, lr: float = 1e-2):
                 "per_device_batch_size": 2,
                 "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
                 "deepspeed": {"zero_stage": zero},
+                **training,
             },
             "cluster": {"num_workers": 2, "max_failures": 1},
         }
@@ -64,6 +72,31 @@ def _load_adapter(adapter_dir):
 
 
 MATRIX = [(m, z) for m in ("lora", "qlora", "full") for z in (0, 2, 3)] + [("dora", 0), ("dora", 3)]
+ACCUMULATE = ("lora", 2)
+MERGE = {("qlora", 3), ("dora", 3)}
+ACCUMULATION = {
+    "gradient_accumulation_steps": 2,
+    "gradient_checkpointing": True,
+    "lr_scheduler": "constant_with_warmup",
+    "warmup_ratio": 0.5,
+}
+
+
+def _check_accumulation(run_dir, rows: list[dict]) -> None:
+    """Warmup over 2 of 4 steps: HF logs the LR each step ran with, 0 then half, then the full
+    LR from step 3 on (after the restore at step 2: the scheduler came back). 2 workers x 2 micro-batches x 2 rows
+    per step: more tokens at step 1 than the 4 largest packed rows hold."""
+    import pyarrow.parquet as pq
+
+    train = [r for r in rows if "loss" in r]
+    assert [r["learning_rate"] for r in train] == pytest.approx([0.0, 5e-3, 1e-2, 1e-2])
+    lengths = sorted(
+        len(ids)
+        for ids in pq.read_table(run_dir / "data" / "packed" / "train.parquet")[
+            "input_ids"
+        ].to_pylist()
+    )
+    assert train[0]["tokens"] > sum(lengths[-4:]), (train[0]["tokens"], lengths[-4:])
 
 
 @pytest.mark.parametrize(("method", "zero"), MATRIX)
@@ -71,10 +104,13 @@ def test_method_x_zero_fresh_and_resumed(
     ray_local, tiny_model, tmp_path, monkeypatch, method, zero
 ):
     write_sft(tmp_path, tiny_model, n_train=64, n_val=0)
-    cfg, fault = _run(tmp_path, method, zero, lr=1e-3 if method == "full" else 1e-2)
+    extra = ACCUMULATION if (method, zero) == ACCUMULATE else {}
+    cfg, fault = _run(tmp_path, method, zero, lr=1e-3 if method == "full" else 1e-2, **extra)
     monkeypatch.setenv("RAYFT_TRAIN_FAULT", json.dumps(fault))
     art = train(cfg)
-    _check_run(tmp_path, art)
+    rows = _check_run(tmp_path, art)
+    if extra:
+        _check_accumulation(tmp_path, rows)
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     if method == "full":
         from transformers import AutoModelForCausalLM
@@ -87,3 +123,11 @@ def test_method_x_zero_fresh_and_resumed(
         assert model.peft_config["default"].use_dora == (method == "dora")
         lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
         assert lora_b and all(p.abs().sum() > 0 for p in lora_b)
+    if (method, zero) in MERGE:
+        from rayft.export import merge
+        from rayft.manifest import read_manifest
+
+        merged = merge(cfg)  # raises VerificationError if merged != base + adapter
+        check = read_manifest(tmp_path)["stages"]["merge"]["verification"]
+        assert check["passed"], check
+        assert (merged / "config.json").exists() and list(merged.glob("*.safetensors"))

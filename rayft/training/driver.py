@@ -200,7 +200,7 @@ def _tracking_env(cfg: JobConfig) -> dict[str, str]:
 
 def _torch_trainer(cfg: JobConfig, splits: dict, storage: str, run_dir: Path, loop_config: dict):
     from ray.data import ExecutionOptions
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     c = cfg.cluster
@@ -219,16 +219,24 @@ def _torch_trainer(cfg: JobConfig, splits: dict, storage: str, run_dir: Path, lo
             name=cfg.name,
             storage_path=storage,
             failure_config=FailureConfig(max_failures=c.max_failures),
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=cfg.training.keep_checkpoints,
-                checkpoint_score_attribute="eval_loss" if has_val else None,
-                checkpoint_score_order="min",
-            ),
+            checkpoint_config=checkpoint_config(cfg.training.keep_checkpoints, has_val),
             callbacks=[MetricsFile(str(run_dir), cfg.training.max_steps)],
         ),
         datasets=splits,
         # Same blocks to the same worker in the same order on every run: resume replays exactly.
         dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
+    )
+
+
+def checkpoint_config(keep: int, has_validation: bool):
+    """Keep the `keep` best checkpoints by the validation loss that `RayReport` puts at the top
+    level of each checkpoint report; without a validation split, the latest ones."""
+    from ray.train import CheckpointConfig
+
+    return CheckpointConfig(
+        num_to_keep=keep,
+        checkpoint_score_attribute="eval_loss" if has_validation else None,
+        checkpoint_score_order="min",
     )
 
 

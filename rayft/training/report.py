@@ -36,13 +36,17 @@ def checkpoint_dir_name(step: int) -> str:
 class RayReport(TrainerCallback):
     """Report HF logs and checkpoints to Ray Train; optional fault injection for tests."""
 
-    def __init__(self, fault: dict[str, Any] | None = None, max_steps: int = 0) -> None:
+    def __init__(
+        self, fault: dict[str, Any] | None = None, max_steps: int = 0, objective: str = "sft"
+    ) -> None:
         self.fault = fault or {}
         self.max_steps = max_steps
+        self.objective = objective
         self.last: dict[str, float] = {}
         self.rows: list[dict[str, Any]] = []  # logged since the last report
         self.t0 = time.perf_counter()
         self.tokens0: int | None = None
+        self.tokens_seen = 0
         self.rank = ray.train.get_context().get_world_rank()
         self.node_id = ray.get_runtime_context().get_node_id()
         self.device = _device_name()
@@ -51,9 +55,15 @@ class RayReport(TrainerCallback):
         logs = dict(logs or {})
         row: dict[str, Any] = {"step": state.global_step, "time": time.time()}
         row.update({k: float(v) for k, v in logs.items() if isinstance(v, (int, float))})
-        if "eval_loss" in row:
+        if "eval_loss" in row and self.objective == "sft":
+            # Perplexity is exp(mean token NLL): an SFT loss. A DPO loss is a pairwise
+            # preference loss, whose exp means nothing.
             row["eval_perplexity"] = math.exp(min(row["eval_loss"], 50.0))
-        tokens = int(state.num_input_tokens_seen or 0)
+        # HF counts `input_ids` for SFT (all ranks); TRL's DPOTrainer counts the non-padding
+        # tokens of its concatenated chosen+rejected batches itself and logs them as num_tokens
+        # (evaluation rows carry the count of the training so far).
+        tokens = int(state.num_input_tokens_seen or row.get("num_tokens") or self.tokens_seen)
+        self.tokens_seen = tokens
         row["tokens"] = tokens
         if "loss" in row:
             now = time.perf_counter()

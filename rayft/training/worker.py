@@ -81,7 +81,7 @@ def _train(config: dict[str, Any], output_dir: str) -> None:
         "eval_dataset": eval_ds,
         "processing_class": tokenizer,
         "peft_config": adapter_config(config["method"], config["lora"]),
-        "callbacks": [RayReport(config.get("fault"), config["hf"]["max_steps"])],
+        "callbacks": [RayReport(config.get("fault"), config["hf"]["max_steps"], objective)],
     }
     if objective == "dpo":
         from trl import DPOTrainer
