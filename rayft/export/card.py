@@ -1,12 +1,17 @@
-"""The merged model's README.md: where the weights came from, readable by a person."""
+"""Where the weights came from: the merged model's README.md, readable by a person, and the same
+lineage for the GGUF metadata, readable by llama.cpp and the tools around it."""
 
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from rayft import models
 
 
 def _find(tree: Any, key: str) -> Any:
@@ -18,6 +23,73 @@ def _find(tree: Any, key: str) -> Any:
             if (found := _find(value, key)) is not None:
                 return found
     return None
+
+
+@dataclass(frozen=True)
+class Lineage:
+    name: str  # the run's name
+    base: str  # model.base as configured: a registry name, a local directory or a hub id
+    revision: str | None
+    method: str  # training.method
+    adapter_hash: str | None  # content hash of <run_dir>/adapter/; None for a full fine-tune
+    data_hash: str | None
+    config_hash: str | None  # of the training run's config
+    license: str | None  # the base model's, where it is known
+
+    @property
+    def base_name(self) -> str:
+        return Path(self.base).name if _is_path(self.base) else self.base
+
+    @property
+    def base_repo_url(self) -> str | None:
+        """Hub ids only: a registry name or a local directory has no public address."""
+        if _is_path(self.base) or self.base in models.REGISTRY or self.base.count("/") != 1:
+            return None
+        return f"https://huggingface.co/{self.base}"
+
+
+def _is_path(base: str) -> bool:
+    return base.startswith((".", "/", "~")) or Path(base).expanduser().exists()
+
+
+def base_license(base: str) -> str | None:
+    """The registry's license, or a local model's from its README front matter (the hub's
+    convention); a hub id is not looked up: export runs offline."""
+    for name, entry in models.REGISTRY.items():
+        if base == name or Path(base).expanduser().resolve() == models.cache_dir(name).resolve():
+            return entry.license
+    readme = Path(base).expanduser() / "README.md"
+    if not readme.is_file():
+        return None
+    match = re.match(r"---\n(.*?)\n---", readme.read_text(errors="replace"), re.DOTALL)
+    try:
+        front = yaml.safe_load(match.group(1)) if match else None
+    except yaml.YAMLError:
+        return None
+    value = front.get("license") if isinstance(front, dict) else None
+    return str(value) if value else None
+
+
+def lineage(
+    name: str,
+    base: str,
+    revision: str | None,
+    method: str,
+    manifest: dict,
+    adapter_hash: str | None,
+) -> Lineage:
+    """The lineage run.json records, with the adapter hash of the merge it describes."""
+    train_stage = manifest.get("stages", {}).get("train", {})
+    return Lineage(
+        name=name,
+        base=base,
+        revision=revision,
+        method=method,
+        adapter_hash=adapter_hash,
+        data_hash=_find(manifest, "data_hash"),
+        config_hash=train_stage.get("config_hash"),
+        license=base_license(base),
+    )
 
 
 def _eval_summary(report: Path) -> str:
@@ -37,17 +109,14 @@ def _eval_summary(report: Path) -> str:
 def write_card(
     dest: Path,
     *,
-    name: str,
-    base: str,
-    revision: str | None,
-    method: str,
+    lineage: Lineage,
     adapter: Path,
-    adapter_hash: str,
     training: dict,
     manifest: dict,
     verification: dict,
     eval_report: Path,
 ) -> Path:
+    name, base, revision, method = lineage.name, lineage.base, lineage.revision, lineage.method
     train_stage = manifest.get("stages", {}).get("train", {})
     train_info = {k: v for k, v in train_stage.items() if k not in ("packages",)}
     front = {
@@ -55,6 +124,8 @@ def write_card(
         "library_name": "transformers",
         "tags": ["rayft", method, "merged"],
     }
+    if lineage.license:
+        front["license"] = lineage.license.lower()
     lines = [
         "---",
         yaml.safe_dump(front, sort_keys=False).strip(),
@@ -70,10 +141,10 @@ def write_card(
         "| | |",
         "|---|---|",
         f"| base model | `{base}`" + (f" @ `{revision}`" if revision else "") + " |",
-        f"| adapter | `{adapter}` (content hash `{adapter_hash}`) |",
+        f"| adapter | `{adapter}` (content hash `{lineage.adapter_hash}`) |",
         f"| method | {method} |",
-        f"| data hash | `{_find(manifest, 'data_hash') or 'not recorded'}` |",
-        f"| training config hash | `{train_stage.get('config_hash', 'not recorded')}` |",
+        f"| data hash | `{lineage.data_hash or 'not recorded'}` |",
+        f"| training config hash | `{lineage.config_hash or 'not recorded'}` |",
         "",
         "## Verification",
         "",

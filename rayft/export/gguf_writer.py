@@ -5,11 +5,17 @@ metadata keys, 1-D tensors kept in f32, and q/k projections permuted from HF's r
 (rotate-half: first half of each head's dims, then second half) to GGML's interleaved pairs.
 Readers (llama.cpp, transformers' GGUF loader) undo that permutation, so a file without it loads
 silently wrong; the round-trip verification catches exactly that.
+
+Llama-3 models differ in two places, both handled as convert_hf_to_gguf.py does: the tokenizer
+splits text with Llama-3's regex before byte-level BPE (tokenizer.ggml.pre "llama-bpe"), and
+`rope_type: llama3` rescales the rotary frequencies, which GGUF carries as the per-dimension
+divisors of the `rope_freqs.weight` tensor (there is no llama3 rope-scaling key).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import gguf
@@ -17,6 +23,8 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from rayft import __version__
+from rayft.export.card import Lineage
 from rayft.export.errors import ExportError
 
 GGUF_TYPES = {
@@ -26,6 +34,15 @@ GGUF_TYPES = {
     "q4_0": (gguf.LlamaFileType.MOSTLY_Q4_0, gguf.GGMLQuantizationType.Q4_0),
 }
 _EMBEDDINGS = ("model.embed_tokens.weight", "lm_head.weight")
+
+# Llama-3's pre-tokenizer regex as its tokenizer.json spells it (llama.cpp's LLAMA_VOCAB_PRE_TYPE
+# _LLAMA3 implements the same split). llama.cpp recognises it by hashing how a fixed text
+# tokenizes, which only matches Meta's own vocabulary; a fine-tune with its own vocabulary shares
+# the split, not the hash, so we recognise the split itself.
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 
 def permute_qk(weight: np.ndarray, n_head: int, n_head_kv: int | None = None) -> np.ndarray:
@@ -51,15 +68,61 @@ def _check_llama(config: dict, where: Path) -> None:
             raise ExportError(
                 f"{where}: field '{flag}' is true; GGUF export of biased Llamas is not supported"
             )
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    if rope.get("rope_type", "default") != "default":
+    kind = _rope_type(_rope(config))
+    if kind not in ("default", "llama3"):
         raise ExportError(
-            f"{where}: rope type {rope.get('rope_type')!r}; GGUF export supports default rope only "
-            "(scaled rope needs llama.cpp's rope_freqs tensor, which this writer does not emit)"
+            f"{where}: rope type {kind!r}; GGUF export supports default and llama3 rope only"
         )
 
 
-def _tensor_type(name: str, shape: tuple[int, ...], ftype: str) -> gguf.GGMLQuantizationType:
+def _rope(config: dict) -> dict:
+    """Rope settings wherever the config keeps them: transformers 5 writes `rope_parameters`
+    (theta included), older files `rope_scaling` beside a top-level `rope_theta`."""
+    return {**(config.get("rope_scaling") or {}), **(config.get("rope_parameters") or {})}
+
+
+def _rope_type(rope: dict) -> str:
+    return rope.get("rope_type", rope.get("type")) or "default"
+
+
+def llama3_rope_factors(config: dict) -> np.ndarray:
+    """llama.cpp's `rope_freqs` for `rope_type: llama3`: per rotary dimension pair, the divisor of
+    its base frequency (convert_hf_to_gguf.py's LlamaModel.generate_extra_tensors, float32 as
+    there). llama.cpp rotates pair i by pos * base^(-2i/d) / rope_freqs[i].
+
+    One deliberate difference: convert_hf_to_gguf.py reads original_max_position_embeddings from
+    the top level of config.json, where Llama-3.x configs do not put it, and falls back to 8192
+    (right for Meta's models by coincidence). We read it where transformers does, from the rope
+    settings, so a model with another original context gets the frequencies it was trained with.
+    """
+    rope = _rope(config)
+    base = rope.get("rope_theta", config.get("rope_theta", 10000.0))
+    dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor = rope.get("factor", 8.0)
+    low_freq_factor = rope.get("low_freq_factor", 1.0)
+    high_freq_factor = rope.get("high_freq_factor", 4.0)
+    old_context_len = rope.get(
+        "original_max_position_embeddings", config.get("original_max_position_embeddings", 8192)
+    )
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    factors = []
+    for freq in freqs.tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_freq_wavelen:
+            factors.append(1.0)
+        elif wavelen > low_freq_wavelen:
+            factors.append(factor)
+        else:
+            smooth = (old_context_len / wavelen - low_freq_factor) / (
+                high_freq_factor - low_freq_factor
+            )
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
+def tensor_type(name: str, shape: tuple[int, ...], ftype: str) -> gguf.GGMLQuantizationType:
     """llama.cpp's choices: norms stay f32; rows that do not fill whole quant blocks stay f16."""
     qtype = GGUF_TYPES[ftype][1]
     if len(shape) == 1:
@@ -74,6 +137,11 @@ def _tensor_type(name: str, shape: tuple[int, ...], ftype: str) -> gguf.GGMLQuan
     return qtype
 
 
+def rounded(data: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+    """`data` as a reader gets it back from a tensor of `qtype` (gguf's own (de)quantizer)."""
+    return gguf.quants.dequantize(gguf.quants.quantize(data, qtype), qtype)
+
+
 def _tensors(model_dir: Path):
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
@@ -84,19 +152,48 @@ def _tensors(model_dir: Path):
                 yield key, f.get_tensor(key)
 
 
+def pre_tokenizer_name(pre: dict) -> str | None:
+    """llama.cpp's name (tokenizer.ggml.pre) for a tokenizer.json pre-tokenizer, if it has one."""
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return None if pre.get("add_prefix_space") else "gpt-2"
+    steps = (pre.get("pretokenizers") or []) if pre.get("type") == "Sequence" else []
+    if len(steps) != 2:
+        return None
+    split, byte_level = steps
+    if (
+        split.get("type") == "Split"
+        and (split.get("pattern") or {}).get("Regex") == LLAMA3_SPLIT
+        and split.get("behavior") == "Isolated"
+        and not split.get("invert")
+        and byte_level.get("type") == "ByteLevel"
+        and not byte_level.get("use_regex", True)
+        and not byte_level.get("add_prefix_space")
+    ):
+        return "llama-bpe"
+    return None
+
+
+def _describe(pre: dict) -> str:
+    if pre.get("type") == "Sequence":
+        return "Sequence[" + ", ".join(_describe(p) for p in pre.get("pretokenizers", [])) + "]"
+    return str(pre.get("type"))
+
+
 def _add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -> None:
     from transformers import AutoTokenizer
 
-    spec = json.loads((model_dir / "tokenizer.json").read_text())
+    where = model_dir / "tokenizer.json"
+    if not where.exists():
+        raise ExportError(f"{where}: missing; GGUF export needs the fast tokenizer's file")
+    spec = json.loads(where.read_text())
     model, pre = spec.get("model", {}), spec.get("pre_tokenizer") or {}
-    if (
-        model.get("type") != "BPE"
-        or pre.get("type") != "ByteLevel"
-        or not pre.get("use_regex", True)
-    ):
+    pre_name = pre_tokenizer_name(pre)
+    if model.get("type") != "BPE" or pre_name is None:
         raise ExportError(
-            f"{model_dir / 'tokenizer.json'}: GGUF export supports byte-level BPE tokenizers with "
-            f"GPT-2 pre-tokenization; this one is {model.get('type')} / {pre.get('type')}"
+            f"{where}: GGUF export supports byte-level BPE tokenizers with GPT-2 pre-tokenization "
+            "(ByteLevel, use_regex true, no prefix space) or Llama-3's (Sequence[Split(Llama-3 "
+            f"regex, isolated), ByteLevel(use_regex false)]); this one is {model.get('type')} / "
+            f"{_describe(pre)}. Export it with llama.cpp's convert_hf_to_gguf.py instead"
         )
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]
@@ -112,7 +209,7 @@ def _add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) ->
             )
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-2")
+    writer.add_tokenizer_pre(pre_name)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
@@ -129,7 +226,35 @@ def _add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) ->
         writer.add_chat_template(tok.chat_template)
 
 
-def write_gguf(model_dir: Path, out: Path, ftype: str, name: str) -> dict[str, int]:
+def _add_lineage(writer: gguf.GGUFWriter, lineage: Lineage) -> None:
+    """general.* keys as llama.cpp's gguf.Metadata writes them, and rayft.* keys for the rest of
+    the run's lineage (the model card's table). No paths: they mean nothing on another machine,
+    so neither general.source.* (the source is a local directory) nor the adapter's location."""
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(lineage.name)
+    writer.add_basename(lineage.name)
+    writer.add_description(f"{lineage.method} fine-tune of {lineage.base_name}, exported by rayft")
+    writer.add_tags(["rayft", lineage.method])
+    if lineage.license:
+        writer.add_license(lineage.license)
+    writer.add_base_model_count(1)
+    writer.add_base_model_name(0, lineage.base_name)
+    if lineage.base_repo_url:
+        writer.add_base_model_repo_url(0, lineage.base_repo_url)
+    for key, value in (
+        ("rayft.version", __version__),
+        ("rayft.training_method", lineage.method),
+        ("rayft.base_model", lineage.base),
+        ("rayft.base_model_revision", lineage.revision),
+        ("rayft.adapter_hash", lineage.adapter_hash),
+        ("rayft.data_hash", lineage.data_hash),
+        ("rayft.config_hash", lineage.config_hash),
+    ):
+        if value:
+            writer.add_string(key, value)
+
+
+def write_gguf(model_dir: Path, out: Path, ftype: str, lineage: Lineage) -> dict[str, int]:
     """Write `model_dir` as a GGUF file of `ftype`; returns how many tensors got each type."""
     if ftype not in GGUF_TYPES:
         raise ExportError(
@@ -141,11 +266,11 @@ def write_gguf(model_dir: Path, out: Path, ftype: str, name: str) -> dict[str, i
     n_kv = config.get("num_key_value_heads") or n_head
     head_dim = config.get("head_dim") or config["hidden_size"] // n_head
     n_layers = config["num_hidden_layers"]
-    rope = config.get("rope_parameters") or {}
+    rope = _rope(config)
     tied = bool(config.get("tie_word_embeddings"))
 
     writer = gguf.GGUFWriter(str(out), "llama", use_temp_file=True)  # tensors spill to disk
-    writer.add_name(name)
+    _add_lineage(writer, lineage)
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
     writer.add_block_count(n_layers)
@@ -165,6 +290,11 @@ def write_gguf(model_dir: Path, out: Path, ftype: str, name: str) -> dict[str, i
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
     counts: dict[str, int] = {}
+    if _rope_type(rope) == "llama3":
+        writer.add_tensor(
+            gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", llama3_rope_factors(config)
+        )
+        counts["F32"] = 1
     for key, tensor in _tensors(model_dir):
         if tied and key == "lm_head.weight":
             continue  # readers tie output to token_embd when output.weight is absent
@@ -177,7 +307,7 @@ def write_gguf(model_dir: Path, out: Path, ftype: str, name: str) -> dict[str, i
             data = permute_qk(data, n_head, n_head)
         elif key.endswith("self_attn.k_proj.weight"):
             data = permute_qk(data, n_head, n_kv)
-        qtype = _tensor_type(key, data.shape, ftype)
+        qtype = tensor_type(key, data.shape, ftype)
         packed = gguf.quants.quantize(data, qtype)
         raw = (
             qtype

@@ -24,7 +24,7 @@ from rich.console import Console
 from rayft import models
 from rayft.config import JobConfig
 from rayft.export.adapter import Adapter, base_shapes, check_fits_base, read_adapter
-from rayft.export.card import write_card
+from rayft.export.card import lineage, write_card
 from rayft.export.errors import ExportError
 from rayft.export.steps import step
 from rayft.export.verify import compare, forward_logits, prompt_ids, require_pass, show
@@ -221,12 +221,10 @@ def merge(cfg: JobConfig) -> Path:
         adapter_hash = hash_files([p for p in adapter.path.iterdir() if p.is_file()])
         write_card(
             tmp,
-            name=cfg.name,
-            base=cfg.model.base,
-            revision=cfg.model.revision,
-            method=method,
+            lineage=lineage(
+                cfg.name, cfg.model.base, cfg.model.revision, method, manifest, adapter_hash
+            ),
             adapter=adapter.path,
-            adapter_hash=adapter_hash,
             training=cfg.training.model_dump(mode="json"),
             manifest=manifest,
             verification=verification,
