@@ -149,6 +149,39 @@ def test_merge_dora(tmp_path, tiny_model, adapters):
     assert read_manifest(cfg.run_path)["stages"]["merge"]["verification"]["passed"]
 
 
+def test_merge_into_tied_embeddings_unties_them(tmp_path, tiny_model):
+    """LoRA on lm_head of a base that ties it to embed_tokens (SmolLM2, Llama-3.2 1B/3B): the
+    delta belongs to the output projection only, so the merged model gets its own lm_head."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = _variant_base(tiny_model, tmp_path / "tied", tie_word_embeddings=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(Path(tiny_model) / name, Path(base) / name)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    lora = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["q_proj", "lm_head"])
+    peft_model = get_peft_model(model, lora)
+    gen = torch.Generator().manual_seed(1)
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            param.data = torch.randn(param.shape, generator=gen) * 0.2
+    peft_model.save_pretrained(tmp_path / "adapter")
+
+    cfg = _run(tmp_path, tmp_path / "adapter", base, "lora")
+    merged_dir = merge(cfg)  # merged into the shared matrix, this drifted 2.2 relative, 12% top-1
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
+    assert not merged.config.tie_word_embeddings
+    original = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    embeddings = original.model.embed_tokens.weight
+    assert torch.equal(merged.model.embed_tokens.weight, embeddings)  # the lookup is unchanged
+    assert not torch.allclose(merged.lm_head.weight, embeddings)
+    ids = _prompt(AutoTokenizer.from_pretrained(merged_dir))
+    reference = _logits(PeftModel.from_pretrained(original, cfg.run_path / "adapter"), ids)
+    assert (_logits(merged, ids) - reference).abs().max() < 1e-4
+    assert read_manifest(cfg.run_path)["stages"]["merge"]["untied_embeddings"] is True
+
+
 @pytest.mark.parametrize("zero_stage", [0, 3])
 def test_merge_qlora_targets_the_dequantized_4bit_base(tmp_path, tiny_model, adapters, zero_stage):
     import bitsandbytes as bnb
@@ -578,6 +611,31 @@ def test_export_needs_a_merged_model_and_a_llama(tmp_path, tiny_model):
         export(cfg)
     with pytest.raises(ExportError, match="only 'gguf'"):
         export(cfg, fmt="onnx")
+    (merged / "config.json").write_text(json.dumps(config))
+
+    rope = {**config["rope_parameters"], "rope_type": "yarn", "factor": 4.0}
+    (merged / "config.json").write_text(json.dumps({**config, "rope_parameters": rope}))
+    with pytest.raises(ExportError, match="rope type 'yarn'"):
+        export(cfg)
+    (merged / "config.json").write_text(json.dumps(config))
+
+    spec = json.loads((merged / "tokenizer.json").read_text())
+    metaspace = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always"}
+    (merged / "tokenizer.json").write_text(json.dumps({**spec, "pre_tokenizer": metaspace}))
+    with pytest.raises(ExportError, match="this one is BPE / Metaspace.*convert_hf_to_gguf"):
+        export(cfg)
+
+
+def test_export_refuses_an_incompletely_copied_sharded_model(merged_run, tmp_path):
+    cfg = merged_run.model_copy(deep=True)
+    cfg.run_dir = str(tmp_path / "run")
+    merged = cfg.run_path / "merged"
+    shutil.copytree(merged_run.run_path / "merged", merged)
+    (merged / "adapter_model.safetensors").write_bytes(b"")  # stray files are not weights
+    export(cfg.model_copy(update={"export": cfg.export.model_copy(update={"gguf_types": ["f32"]})}))
+    sorted(merged.glob("model-*.safetensors"))[1].unlink()
+    with pytest.raises(ExportError, match="shard.*missing.*incomplete"):
+        export(cfg)
 
 
 # --------------------------------------------------------------------------- bad adapters

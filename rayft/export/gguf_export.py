@@ -27,7 +27,7 @@ from rich.console import Console
 from rayft.config import JobConfig
 from rayft.export.card import lineage
 from rayft.export.errors import ExportError, VerificationError
-from rayft.export.gguf_writer import rounded, tensor_type, write_gguf
+from rayft.export.gguf_writer import rounded, shard_files, tensor_type, write_gguf
 from rayft.export.steps import step
 from rayft.export.verify import (
     Comparison,
@@ -47,6 +47,7 @@ def source_dir(cfg: JobConfig) -> Path:
     if not (src / "config.json").exists():
         stage = "rayft train" if cfg.training.method == "full" else "rayft merge"
         raise ExportError(f"{src}: no model to export (no config.json); run `{stage}` first")
+    shard_files(src)  # an incomplete copy fails here, not inside transformers' loader
     return src
 
 

@@ -142,11 +142,33 @@ def rounded(data: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
     return gguf.quants.dequantize(gguf.quants.quantize(data, qtype), qtype)
 
 
+def shard_files(model_dir: Path) -> list[Path]:
+    """The weight files of a model directory: those its index names, when sharded (so a stray
+    *.safetensors, an adapter copied in, is not read as weights), all of them present."""
+    index = model_dir / "model.safetensors.index.json"
+    if not index.exists():
+        files = sorted(model_dir.glob("*.safetensors"))
+        if not files:
+            raise ExportError(f"{model_dir}: no *.safetensors weights")
+        return files
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise ExportError(
+            f"{index}: not a safetensors index (no 'weight_map'); re-run `rayft merge`"
+        ) from None
+    names = sorted(set(weight_map.values()))
+    missing = [n for n in names if not (model_dir / n).is_file()]
+    if missing:
+        raise ExportError(
+            f"{index}: lists {len(missing)} shard(s) missing from {model_dir} ({missing[0]}, …): "
+            "the model directory is incomplete; copy it again or re-run `rayft merge`"
+        )
+    return [model_dir / n for n in names]
+
+
 def _tensors(model_dir: Path):
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise ExportError(f"{model_dir}: no *.safetensors weights")
-    for file in files:
+    for file in shard_files(model_dir):
         with safe_open(str(file), "pt") as f:
             for key in f.keys():  # noqa: SIM118
                 yield key, f.get_tensor(key)
