@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import random
+
 import pyarrow as pa
 import pytest
 from transformers import AutoTokenizer
@@ -127,6 +130,19 @@ def test_packing_keeps_examples_whole_and_positions_restart():
     assert sorted(seen) == list(range(len(lengths)))
     assert len(packs) == 4  # 37 tokens need at least 4 bins of 10, and 4 it is
     assert pack.efficiency(37, len(packs), 10) == pytest.approx(0.925)
+
+
+def test_packing_leaves_no_tail_bins_minimum_bin_slack_would():
+    # Chat examples of a fifth of a bin, many of one length (the demo data's shape): minimum
+    # bin slack fills early bins exactly and leaves two bins where the tokens need one.
+    rng = random.Random(0)
+    lengths = [90 if rng.random() < 0.4 else rng.randint(72, 104) for _ in range(120)]
+    need = math.ceil(sum(lengths) / 512)
+    assert len(pack._bins_by_slack(lengths, 512)) == need + 1
+    bins = pack.plan(lengths, 512)
+    assert len(bins) == need and bins == pack.plan(lengths, 512)  # and deterministic
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in b) <= 512 for b in bins)
 
 
 def test_packing_rejects_examples_longer_than_the_bin():
