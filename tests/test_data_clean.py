@@ -43,6 +43,10 @@ def test_normalize_keeps_code_indentation():
         ("Call (415) 555-0132 now", "Call <PHONE> now", "phone"),
         ("Call 415-555-0132 now", "Call <PHONE> now", "phone"),
         ("UK: +44 20 7946 0958.", "UK: <PHONE>.", "phone"),
+        ("Call 555 123 4567 now", "Call <PHONE> now", "phone"),
+        ("Call (555) 123-4567 now", "Call <PHONE> now", "phone"),
+        ("Berlin: +49 30 1234567, evenings", "Berlin: <PHONE>, evenings", "phone"),
+        ("or 415.555.0132", "or <PHONE>", "phone"),
         ("Card 4111 1111 1111 1111 expires", "Card <CREDIT_CARD> expires", "credit_card"),
         ("Card 5500-0000-0000-0004.", "Card <CREDIT_CARD>.", "credit_card"),
         ("card 4012888888881881", "card <CREDIT_CARD>", "credit_card"),
@@ -79,6 +83,10 @@ def test_pii_replaced_and_counted(text, expected, kind):
         "Ref GB82WEST12345698765431 (bad checksum)",  # IBAN look-alike failing mod-97
         "user@localhost is not an email address",
         "Room 300-401 on floor 2",
+        "order 123 4567 890 and 555 123 4567 890",  # digit groups of other shapes, or longer
+        "ids 100 200 3000 4000; on 2024 01 15 and 2024-01-15",  # number lists and dates
+        "paid 1 234 567 EUR on 2024-01-15 10:30:00 +0100",  # amounts, UTC offsets
+        "mixed 415-555 0132 separators",
         "ref 1234-5678-9012-3452 is the case number",  # Luhn-valid, but no card network's prefix
         "Shipment 9999 9999 9999 9995 left",  # Luhn-valid, prefix 9: no network
         "Meet at 12:30 or at 12:30:45 sharp",  # times are not IPv6

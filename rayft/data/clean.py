@@ -34,10 +34,15 @@ _IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b
 # 13-19 digits, optionally grouped by single spaces or dashes; the issuer prefix and Luhn decide.
 _CARD = re.compile(r"(?<![\w-])\d(?:[ -]?\d){12,18}(?![\w-])")
 # Phones need a leading + or separators between groups: a bare run of digits is an id, not a phone.
+# International numbers: + country code, optional (area), then groups; the last may be a long
+# subscriber number (+49 30 1234567). National ones: the North American 3-3-4 shape, with
+# dots, dashes or single spaces (the same separator throughout), not inside a longer run of
+# digit groups (order 123 4567 890, 100 200 3000 4000), so dates (2024 01 15), versions and
+# amounts, which have other shapes, stay.
 _PHONE = re.compile(
-    r"(?<![\w+-])(?:\+\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}(?:[ .-]\d{2,4}){1,4}"
+    r"(?<![\w+-])(?:\+\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}(?:[ .-]\d{2,4}){0,3}[ .-]\d{2,8}"
     r"|\(\d{3}\) ?\d{3}[ .-]\d{4}"
-    r"|\d{3}[.-]\d{3}[.-]\d{4})(?![\w-])"
+    r"|(?<!\d[ .-])\d{3}([ .-])\d{3}\1\d{4}(?![ .-]\d))(?![\w-])"
 )
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 _IP = re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?![\w.])")
@@ -134,20 +139,24 @@ def _phone(m: re.Match) -> str | None:
 
 
 # Order matters: emails and IBANs contain digit runs the card and phone patterns would split.
+# The last field is a character every match contains ("" for a digit): most texts have no
+# "@" or ":", and a plain `in` is cheaper than a regex scan that finds nothing.
 _SCRUBBERS = (
-    ("email", _EMAIL, lambda m: PLACEHOLDERS["email"]),
-    ("iban", _IBAN, _iban),
-    ("credit_card", _CARD, _card),
-    ("phone", _PHONE, _phone),
-    ("ip_address", _IPV6, _ipv6),  # first: an IPv4-mapped IPv6 address ends in an IPv4 one
-    ("ip_address", _IP, lambda m: PLACEHOLDERS["ip_address"]),
+    ("email", _EMAIL, lambda m: PLACEHOLDERS["email"], "@"),
+    ("iban", _IBAN, _iban, ""),
+    ("credit_card", _CARD, _card, ""),
+    ("phone", _PHONE, _phone, ""),
+    ("ip_address", _IPV6, _ipv6, ":"),  # first: an IPv4-mapped IPv6 address ends in an IPv4 one
+    ("ip_address", _IP, lambda m: PLACEHOLDERS["ip_address"], "."),
 )
+_DIGIT = re.compile(r"\d")
 
 
 def scrub(text: str, types: list[str] | tuple[str, ...], counts: Counter) -> str:
     """Replace the PII `types` in `text` by placeholders; add what was replaced to `counts`."""
-    for name, pattern, replace in _SCRUBBERS:
-        if name not in types:
+    digits = _DIGIT.search(text) is not None
+    for name, pattern, replace, mark in _SCRUBBERS:
+        if name not in types or (mark and mark not in text) or (name != "email" and not digits):
             continue
 
         def sub(m: re.Match, name=name, replace=replace) -> str:
