@@ -4,7 +4,8 @@ The TRL runs elsewhere lose less at every evaluation, so there the best checkpoi
 latest and "keep the best" cannot be told apart from "keep the latest". Here a one-worker
 TorchTrainer drives rayft's own reporting callback (`RayReport`, as HF's Trainer would call it)
 with evaluation losses that go down and up again, under the `CheckpointConfig` that `rayft train`
-builds, with `MetricsFile` writing metrics.jsonl in the controller.
+builds, with `MetricsFile` writing metrics.jsonl in the controller. The worker is alone, so it
+also drops Ray Train's process group first, as `rayft train` does for a world of one (no DDP).
 """
 
 from __future__ import annotations
@@ -29,7 +30,19 @@ def test_keeps_the_best_checkpoints_by_eval_loss_not_the_latest(ray_local, tmp_p
 
     # Defined in the test so that Ray pickles it by value (workers cannot import tests/).
     def _loop(config):
+        import torch.distributed as dist
+        from transformers import TrainingArguments
+        from transformers.training_args import ParallelMode
+
         from rayft.training.report import RayReport
+        from rayft.training.worker import _alone_without_ddp
+
+        # A world of one trains without DDP; Ray Train's reports work without the group.
+        assert dist.is_initialized()
+        _alone_without_ddp()
+        assert not dist.is_initialized()
+        hf = TrainingArguments(output_dir=tempfile.mkdtemp(), use_cpu=True, report_to="none")
+        assert hf.parallel_mode == ParallelMode.NOT_PARALLEL and hf.world_size == 1
 
         callback = RayReport(max_steps=len(config["eval_losses"]))
         args = SimpleNamespace(output_dir=tempfile.mkdtemp(prefix="rayft-ckpt-test-"))

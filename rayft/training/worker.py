@@ -33,6 +33,8 @@ def _train(config: dict[str, Any], output_dir: str) -> None:
     os.environ.update(config["tracking_env"])  # read by HF's tracker callbacks
     if config["ds_config"]:
         _join_deepspeed(config["use_gpu"])
+    else:
+        _alone_without_ddp()
     # TrainingArguments first: under ZeRO-3 they register the DeepSpeed config that
     # from_pretrained needs to build the model partitioned.
     args = _training_args(objective, config, output_dir)
@@ -114,6 +116,22 @@ def _join_deepspeed(use_gpu: bool) -> None:
         # on CPU; it only speeds up intra-node reductions that gloo does correctly.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
+
+
+def _alone_without_ddp() -> None:
+    """A world of one trains as a single process. Ray Train sets up a process group and the
+    torchrun variables even for one worker, and Accelerate then wraps the model in a
+    DistributedDataParallel of one, whose gradient all-reduce costs time for nothing (about a
+    fifth of a tiny-llama LoRA step on CPU, benchmarks/bench_train_overhead.py). Ray Train
+    itself does not use the group: its reports synchronise through the controller."""
+    import torch.distributed as dist
+
+    if ray.train.get_context().get_world_size() != 1:
+        return
+    for var in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK"):
+        os.environ.pop(var, None)
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _training_args(objective: str, config: dict[str, Any], output_dir: str):
