@@ -209,3 +209,98 @@ def test_broken_json_array_is_one_reject_at_the_parser_line():
         "unreadable",
     )
     assert "cannot read the file" in r["reason"]
+
+
+def _tool_chat(**changes) -> dict:
+    """A chat that calls a tool (OpenAI's shape): the call, its result, the answer."""
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "get_order", "arguments": '{"order_id": "A123456"}'},
+    }
+    messages = [
+        {"role": "user", "content": "Where is order A123456? Call me on 555 123 4567."},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"status": "shipped"}'},
+        {"role": "assistant", "content": "It has shipped."},
+    ]
+    row = {"messages": messages, "tools": [{"type": "function", "function": {"name": "get_order"}}]}
+    for path, value in changes.items():  # "1.tool_calls" -> messages[1]["tool_calls"]
+        k, key = path.split(".", 1)
+        if value is None:
+            messages[int(k)].pop(key)
+        else:
+            messages[int(k)][key] = value
+    return row
+
+
+def test_tool_calls_and_tool_turns_are_accepted():
+    ex = to_example(_tool_chat(), "chat")
+    assert [m["role"] for m in ex.messages] == ["user", "assistant", "tool", "assistant"]
+    assert ex.messages[1]["content"] == "" and ex.messages[1]["tool_calls"][0]["id"] == "call_1"
+    assert ex.messages[2]["tool_call_id"] == "call_1" and ex.tools[0]["function"]["name"]
+    # through validate/clean: tools carried along, the row counted as chat
+    (row,) = _run("t.jsonl", _jsonl([_tool_chat()]))
+    assert row["error_kind"] is None and row["kind"] == "sft"
+    assert json.loads(row["tools"])[0]["function"]["name"] == "get_order"
+    assert json.loads(row["messages"])[1]["tool_calls"][0]["function"]["name"] == "get_order"
+
+
+@pytest.mark.parametrize(
+    "changes, kind, field",
+    [
+        ({"2.content": ""}, "empty_content", "messages[2].content"),
+        ({"2.content": None}, "missing_key", "messages[2].content"),
+        ({"2.tool_call_id": None}, "missing_key", "messages[2].tool_call_id"),
+        ({"1.tool_calls": None}, "missing_key", "messages[1].content"),  # no content, no calls
+        ({"1.tool_calls": "get_order()"}, "wrong_type", "messages[1].tool_calls"),
+        ({"1.tool_calls": []}, "wrong_type", "messages[1].tool_calls"),
+        (
+            {"1.tool_calls": [{"id": "c", "type": "code", "function": {}}]},
+            "wrong_type",
+            "messages[1].tool_calls[0].type",
+        ),
+        (
+            {"1.tool_calls": [{"id": "c", "type": "function"}]},
+            "missing_key",
+            "messages[1].tool_calls[0].function",
+        ),
+        (
+            {"1.tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+            "missing_key",
+            "messages[1].tool_calls[0].id",
+        ),
+        (
+            {
+                "1.tool_calls": [
+                    {"id": "c", "type": "function", "function": {"name": "f", "arguments": {}}}
+                ]
+            },
+            "wrong_type",
+            "messages[1].tool_calls[0].function.arguments",
+        ),
+        (
+            {
+                "1.tool_calls": [
+                    {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{x"}}
+                ]
+            },
+            "wrong_type",
+            "messages[1].tool_calls[0].function.arguments",
+        ),
+    ],
+)
+def test_tool_turns_are_validated(changes, kind, field):
+    with pytest.raises(RowError) as e:
+        to_example(_tool_chat(**changes), "chat")
+    assert (e.value.kind, e.value.field) == (kind, field)
+
+
+def test_tools_must_be_a_list_of_schemas_and_tool_turns_are_chat_only():
+    with pytest.raises(RowError) as e:
+        to_example({**_tool_chat(), "tools": "get_order"}, "chat")
+    assert (e.value.kind, e.value.field) == ("wrong_type", "tools")
+    convo = [{"from": "tool", "value": "x"}, {"from": "gpt", "value": "y"}]
+    with pytest.raises(RowError) as e:
+        to_example({"conversations": convo}, "sharegpt")
+    assert e.value.kind == "unknown_role"

@@ -183,3 +183,76 @@ def test_overlength_drop_and_truncate(tiny_model):
     assert [r["overlength"] for r in cut] == ["", "truncated", "dropped"]
     assert cut[1]["num_tokens"] == len(cut[1]["input_ids"]) == len(cut[1]["labels"]) == 64
     assert any(x != IGNORE for x in cut[1]["labels"])
+
+
+# A template that renders tool schemas and calls the way tool-capable ones do (Qwen 2.5-like).
+TOOL_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nTools: {{ tools | tojson }}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] or '' }}"
+    "{% for c in m.get('tool_calls') or [] %}<tool_call>{{ c['function'] | tojson }}</tool_call>"
+    "{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _tool_row() -> dict:
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "get_order", "arguments": '{"order_id": "A123456"}'},
+    }
+    return {
+        "messages": [
+            {"role": "user", "content": "Where is order A123456?"},
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call_1", "content": '{"status": "delayed"}'},
+            {"role": "assistant", "content": "It is delayed by a day."},
+        ],
+        "tools": [{"type": "function", "function": {"name": "get_order", "parameters": {}}}],
+        "text": "",
+    }
+
+
+def test_tool_calls_are_learned_and_tool_results_are_not(tok):
+    tok = AutoTokenizer.from_pretrained(tok.name_or_path)
+    tok.chat_template = TOOL_TEMPLATE
+    ((text, ids, labels),) = _tokenize(tok, [_tool_row()], True)
+    assert "Tools: " in text and "get_order" in text
+    trained = _trained_text(tok, ids, labels)
+    assert '"name": "get_order"' in trained and "A123456" in trained  # the call
+    assert "It is delayed by a day." in trained  # the answer
+    assert 'delayed"}' not in trained and "Tools" not in trained  # the result, the schemas
+    assert "Where is order" not in trained
+
+
+def test_a_template_without_tools_rejects_tool_rows(tok):
+    # SmolLM2's and tiny-llama's templates know no tools: they would render the call as an
+    # empty turn and drop the schemas, so the row is a template error, not silent bad data
+    for assistant_only in (True, False):
+        with pytest.raises(RowError) as e:
+            tokens.render_sft(tok, _tool_row(), assistant_only)
+        assert e.value.kind == "template_error" and "does not render tools" in e.value.reason
+        assert e.value.field == "messages[1].tool_calls"
+
+
+def test_tool_rows_through_the_pipeline_stages(tiny_model):
+    # validate/clean -> keep/split -> tokenize, as Ray Data maps them: the schemas travel in
+    # their own column, and a template that cannot render them rejects the row, not the job
+    import json
+
+    from rayft.data import sources, stages
+
+    row = _tool_row()
+    row["messages"][1]["content"] = None  # as OpenAI writes it
+    lines = [json.dumps({k: row[k] for k in ("messages", "tools")}), json.dumps({"text": "x"})]
+    f = sources.InputFile("t.jsonl", "t.jsonl", "file", 0, "")
+    data = ("\n".join(lines) + "\n").encode()
+    raw = sources.split_files(
+        pa.table({"bytes": [data], "path": ["t.jsonl"]}), {"t.jsonl": f}, "chat"
+    )
+    cleaned = stages.validate_clean(raw, True, ["email"], 32, 3, False)
+    assert cleaned["error_kind"].to_pylist() == [None, "missing_key"]  # a text row in a chat file
+    kept = stages.keep_and_split(cleaned, frozenset(), 0.0, 0.0, 0)
+    (out,) = stages.Tokenize(tiny_model, "sft", True, 256, "drop")(kept).to_pylist()
+    assert (out["error_kind"], out["error_field"]) == ("template_error", "messages[1].tool_calls")
+    assert json.loads(out["raw"])["tools"] == row["tools"] and out["source"] == "t.jsonl:1"

@@ -16,6 +16,9 @@ from typing import Any
 FORMATS = ("chat", "alpaca", "sharegpt", "prompt_completion", "text", "preference")
 KIND_OF = {f: ("preference" if f == "preference" else "sft") for f in FORMATS}
 ROLES = ("system", "user", "assistant")
+# OpenAI chat rows may also call tools: assistant turns with `tool_calls`, `tool` turns with
+# the results. Other formats have no tool turns.
+CHAT_ROLES = (*ROLES, "tool")
 # ShareGPT speakers as the common exports spell them.
 SHAREGPT_ROLES = {
     "system": "system",
@@ -44,6 +47,7 @@ class Example:
     kind: str  # sft | preference
     messages: list[dict[str, str]] | None = None  # sft chat rows
     text: str | None = None  # sft plain-text rows
+    tools: list[dict[str, Any]] | None = None  # chat rows: the tool schemas offered
     prompt: list[dict[str, str]] | None = None  # preference rows
     chosen: str | None = None
     rejected: str | None = None
@@ -114,7 +118,10 @@ def _messages(
     role_key: str = "role",
     content_key: str = "content",
     roles: dict[str, str] | None = None,
-) -> list[dict[str, str]]:
+    tools: bool = False,
+) -> list[dict[str, Any]]:
+    """{role, content} per message; with `tools`, also OpenAI's tool turns: an assistant turn
+    with `tool_calls` (its content may be null) and `tool` turns (content and tool_call_id)."""
     if not isinstance(value, list):
         raise RowError("wrong_type", field, f"'{field}' must be a list, got {type(value).__name__}")
     if not value:
@@ -127,14 +134,72 @@ def _messages(
         if role_key not in m:
             raise RowError("missing_key", f"{where}.{role_key}", f"missing '{where}.{role_key}'")
         raw_role = m[role_key]
-        role = (roles or {r: r for r in ROLES}).get(raw_role) if isinstance(raw_role, str) else None
+        known_roles = roles or {r: r for r in (CHAT_ROLES if tools else ROLES)}
+        role = known_roles.get(raw_role) if isinstance(raw_role, str) else None
         if role is None:
-            known = ", ".join(sorted(roles or ROLES))
+            known = ", ".join(sorted(known_roles))
             raise RowError(
                 "unknown_role", f"{where}.{role_key}", f"unknown role {raw_role!r} (known: {known})"
             )
-        content = _text(m, content_key, f"{where}.{content_key}")
-        out.append({"role": role, "content": content})
+        calls = m.get("tool_calls") if tools and role == "assistant" else None
+        if calls is not None:
+            message: dict[str, Any] = {
+                "role": role,
+                "content": _text(m, content_key, f"{where}.{content_key}", required=False),
+                "tool_calls": _tool_calls(calls, f"{where}.tool_calls"),
+            }
+        else:
+            message = {"role": role, "content": _text(m, content_key, f"{where}.{content_key}")}
+        if role == "tool":
+            message["tool_call_id"] = _text(m, "tool_call_id", f"{where}.tool_call_id")
+        out.append(message)
+    return out
+
+
+def _tool_calls(value: Any, field: str) -> list[dict[str, Any]]:
+    """OpenAI tool calls: a non-empty list of {id, type: function, function: {name,
+    arguments (a JSON string)}}."""
+    if not isinstance(value, list) or not value:
+        raise RowError("wrong_type", field, f"'{field}' must be a non-empty list of tool calls")
+    out = []
+    for i, call in enumerate(value):
+        where = f"{field}[{i}]"
+        if not isinstance(call, dict):
+            raise RowError("wrong_type", where, f"'{where}' must be an object")
+        if call.get("type") != "function":
+            raise RowError(
+                "wrong_type",
+                f"{where}.type",
+                f"'{where}.type' must be 'function', got {call.get('type')!r}",
+            )
+        fn = call.get("function")
+        if not isinstance(fn, dict):
+            raise RowError("missing_key", f"{where}.function", f"missing object '{where}.function'")
+        name = _text(fn, "name", f"{where}.function.name")
+        if not isinstance(fn.get("arguments"), str):  # OpenAI sends the arguments as JSON text
+            raise RowError(
+                "wrong_type",
+                f"{where}.function.arguments",
+                f"'{where}.function.arguments' must be a string (the arguments as JSON)",
+            )
+        arguments = fn["arguments"]
+        try:
+            parsed = json.loads(arguments)
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise RowError(
+                "wrong_type",
+                f"{where}.function.arguments",
+                f"'{where}.function.arguments' must be a JSON object, got {arguments[:80]!r}",
+            )
+        out.append(
+            {
+                "id": _text(call, "id", f"{where}.id"),
+                "type": "function",
+                "function": {"name": name, "arguments": arguments},
+            }
+        )
     return out
 
 
@@ -149,9 +214,14 @@ def _need_assistant(messages: list[dict[str, str]], field: str) -> None:
 def _chat(obj: dict) -> Example:
     if "messages" not in obj:
         raise RowError("missing_key", "messages", "missing required key 'messages'")
-    messages = _messages(obj["messages"], "messages")
+    messages = _messages(obj["messages"], "messages", tools=True)
     _need_assistant(messages, "messages")
-    return Example("sft", messages=messages)
+    tools = obj.get("tools")
+    if tools is not None and (
+        not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)
+    ):
+        raise RowError("wrong_type", "tools", "'tools' must be a list of tool schemas (objects)")
+    return Example("sft", messages=messages, tools=tools or None)
 
 
 def _sharegpt(obj: dict) -> Example:

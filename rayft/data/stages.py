@@ -33,6 +33,7 @@ CLEAN_SCHEMA = pa.schema(
         ("id", pa.string()),
         ("kind", pa.string()),
         ("messages", pa.string()),
+        ("tools", pa.string()),  # chat rows with tool schemas: JSON; not written out
         ("text", pa.string()),
         ("prompt", pa.string()),
         ("chosen", pa.string()),
@@ -80,8 +81,21 @@ BOOKKEEPING = [
 # --------------------------------------------------------------------------- validate + clean
 
 
-def _clean_messages(messages, fix, pii_types, counts) -> list[dict[str, str]]:
-    return [{"role": m["role"], "content": fix(m["content"], pii_types, counts)} for m in messages]
+def _clean_messages(messages, fix, pii_types, counts) -> list[dict[str, Any]]:
+    out = []
+    for m in messages:
+        m = {**m, "content": fix(m["content"], pii_types, counts)}
+        if "tool_calls" in m:  # arguments are text the model learns to write: scrubbed too
+            m["tool_calls"] = [_scrub_call(c, pii_types, counts) for c in m["tool_calls"]]
+        out.append(m)
+    return out
+
+
+def _scrub_call(call: dict[str, Any], pii_types: list[str], counts: Counter) -> dict[str, Any]:
+    arguments = call["function"]["arguments"]
+    if pii_types:
+        arguments = clean.scrub(arguments, pii_types, counts)
+    return {**call, "function": {**call["function"], "arguments": arguments}}
 
 
 def clean_row(
@@ -107,7 +121,7 @@ def clean_row(
     if ex.messages is not None:
         ex.messages = _clean_messages(ex.messages, fix, pii_types, counts)
         for i, m in enumerate(ex.messages):
-            if not m["content"]:
+            if not m["content"] and "tool_calls" not in m:
                 raise RowError("empty_content", f"messages[{i}].content", "content is empty")
     if ex.text is not None:
         ex.text = fix(ex.text, pii_types, counts)
@@ -126,7 +140,14 @@ def clean_row(
 def content_parts(ex: formats.Example) -> list[tuple[str, str]]:
     """(role, text) of everything an example says, for the dedupe keys."""
     if ex.messages is not None:
-        return [(m["role"], m["content"]) for m in ex.messages]
+        parts = []
+        for m in ex.messages:
+            parts.append((m["role"], m["content"]))
+            for c in m.get("tool_calls", []):
+                parts.append(("tool_call", f"{c['function']['name']} {c['function']['arguments']}"))
+        if ex.tools:
+            parts.append(("tools", json.dumps(ex.tools, sort_keys=True)))
+        return parts
     if ex.text is not None:
         return [("text", ex.text)]
     prompt = [(m["role"], m["content"]) for m in ex.prompt or []]
@@ -159,6 +180,7 @@ def validate_clean(
                 id=dedupe.content_id(dedupe.exact_key(parts)),
                 kind=ex.kind,
                 messages=json.dumps(ex.messages, ensure_ascii=False) if ex.messages else "",
+                tools=json.dumps(ex.tools, ensure_ascii=False) if ex.tools else None,
                 text=ex.text or "",
                 prompt=json.dumps(ex.prompt, ensure_ascii=False) if ex.prompt else None,
                 chosen=ex.chosen,
@@ -194,7 +216,10 @@ def keep_and_split(
     splits = [
         h or split.assign(cid, validation, test, seed) for h, cid in zip(hints, ids, strict=True)
     ]
-    keep_cols = ["id", "source", "kind", "messages", "text", "prompt", "chosen", "rejected"]
+    keep_cols = [
+        *("id", "source", "kind", "messages", "tools", "text"),
+        *("prompt", "chosen", "rejected"),
+    ]
     return batch.select(keep_cols).append_column("split", pa.array(splits, pa.string()))
 
 
@@ -225,14 +250,13 @@ class Tokenize:
         rendered, keep = [], []
         for r in rows:
             messages = json.loads(r["messages"]) if r["messages"] else None
+            tools = json.loads(r["tools"]) if r.get("tools") else None
+            row = {"messages": messages, "text": r["text"], "tools": tools}
             try:
-                rendered.append(
-                    tokens.render_sft(
-                        self.tok, {"messages": messages, "text": r["text"]}, self.assistant_only
-                    )
-                )
+                rendered.append(tokens.render_sft(self.tok, row, self.assistant_only))
             except RowError as e:  # only chat rows meet a template
-                _append(cols, _template_reject(r, e, {"messages": messages}))
+                shown = {"messages": messages, **({"tools": tools} if tools else {})}
+                _append(cols, _template_reject(r, e, shown))
                 continue
             keep.append(r)
         for r, (text, ids, labels) in zip(keep, tokens.encode_sft(self.tok, rendered), strict=True):

@@ -18,6 +18,7 @@ one bad row, not a broken job: it becomes a `template_error` RowError for the re
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -173,13 +174,55 @@ def render_sft(
     tok: Any, row: dict[str, Any], assistant_only: bool
 ) -> tuple[str, list[tuple[int, int]] | None]:
     """Text to tokenize and answer spans (None: learn every token) of a row with `messages`
-    (list) or `text` (str); raises RowError(template_error)."""
-    if row["messages"] and assistant_only:
-        return render_chat(tok, row["messages"])
-    if row["messages"]:  # no masking, no prefix renderings
-        return _apply(tok, row["messages"], "messages"), None
-    # plain text: the whole text is learned, ended by EOS so examples stay apart
-    return row["text"] + (tok.eos_token or ""), None
+    (list, and `tools`: tool schemas or None) or `text` (str); raises RowError(template_error)."""
+    messages, tools = row["messages"], row.get("tools")
+    if messages:
+        messages = [_for_template(m) for m in messages]
+    if messages and assistant_only:
+        text, spans = render_chat(tok, messages, tools)
+    elif messages:  # no masking, no prefix renderings
+        text, spans = _apply(tok, messages, "messages", **({"tools": tools} if tools else {})), None
+    else:  # plain text: the whole text is learned, ended by EOS so examples stay apart
+        return row["text"] + (tok.eos_token or ""), None
+    _check_tools(tok, messages, tools, text)
+    return text, spans
+
+
+def _for_template(message: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI sends tool-call arguments as JSON text; chat templates (transformers' convention)
+    take them as a mapping and write it out themselves."""
+    if "tool_calls" not in message:
+        return message
+    calls = [
+        {**c, "function": {**c["function"], "arguments": json.loads(c["function"]["arguments"])}}
+        for c in message["tool_calls"]
+    ]
+    return {**message, "tool_calls": calls}
+
+
+def _check_tools(tok: Any, messages: list[dict[str, Any]], tools: list | None, text: str) -> None:
+    """A template that knows nothing of tools renders tool calls as empty turns and drops the
+    schemas without an error: training on that teaches answers without their calls. Every
+    call's name and argument names, and every schema's name, must be in the text."""
+    wanted = [
+        (f"messages[{k}].tool_calls", s)
+        for k, m in enumerate(messages)
+        for c in m.get("tool_calls", [])
+        for s in (c["function"]["name"], *c["function"]["arguments"])
+    ]
+    for t in tools or []:
+        name = (t.get("function") or {}).get("name") or t.get("name")
+        if isinstance(name, str):
+            wanted.append(("tools", name))
+    for field, s in wanted:
+        if s not in text:
+            raise RowError(
+                "template_error",
+                field,
+                f"the chat template of {tok.name_or_path} does not render tools or tool calls "
+                f"({s!r} is not in its text); use a base model whose chat template supports "
+                "tools, or leave tool rows out",
+            )
 
 
 def encode_sft(
