@@ -361,7 +361,7 @@ def test_gguf_q4_0_passes_derived_thresholds_and_a_broken_file_fails(merged_run,
 
     from rayft.export.gguf_export import expected_logits, verify_gguf
     from rayft.export.gguf_writer import write_gguf
-    from rayft.export.verify import THRESHOLDS, forward_logits, prompt_ids, render_prompts
+    from rayft.export.verify import THRESHOLDS, forward_logits, prompt_ids
 
     cfg = merged_run.model_copy(deep=True)
     cfg.run_dir = str(tmp_path / "run")
@@ -382,13 +382,12 @@ def test_gguf_q4_0_passes_derived_thresholds_and_a_broken_file_fails(merged_run,
 
     tok = AutoTokenizer.from_pretrained(merged)
     ids = prompt_ids(tok, cfg.export.verify_prompts)
-    rendered = render_prompts(tok, cfg.export.verify_prompts)
     reference = forward_logits(AutoModelForCausalLM.from_pretrained(merged), ids)
     expected = expected_logits(merged, "q4_0", ids)
     broken = tmp_path / "broken-q4_0.gguf"
     write_gguf(merged, broken, "q4_0", _lineage())
     _swap_nibbles(broken)
-    checks = verify_gguf(broken, "q4_0", ids, reference, rendered, expected)
+    checks = verify_gguf(broken, "q4_0", tok, cfg.export.verify_prompts, reference, expected)
     assert [c.passed for c in checks] == [False, False]
     assert checks[1].top1 < 0.2
 
@@ -560,6 +559,11 @@ def test_gguf_llama3_tokenizer_and_rope_round_trip(llama3_model, tmp_path):
         assert gguf_tok(text)["input_ids"] == tok(text)["input_ids"], text
         assert gguf_tok.decode(tok(text)["input_ids"], skip_special_tokens=True) == text
     assert _prompt(gguf_tok) == _prompt(tok)
+    # Verification feeds the chat prompt as rayft serve does: the template's own BOS, only once.
+    from rayft.export.verify import prompt_ids
+
+    [chat_ids] = prompt_ids(tok, ["Hi"])
+    assert chat_ids[:2] == [tok.bos_token_id, tok.convert_tokens_to_ids("<|start_header_id|>")]
 
     # Logits. The loader builds plain rope (it reads neither the tensor nor a rope key for llama;
     # llama.cpp writes no key for llama3), which is measurably wrong; with the file's rope_freqs
@@ -585,6 +589,16 @@ def test_gguf_llama3_needs_its_pre_tokenizer_and_rope_freqs(llama3_model, tmp_pa
     cfg.export.verify_prompts = LLAMA3_STRINGS[:1] + LLAMA3_STRINGS[3:4]
     monkeypatch.setattr(gguf_writer, "pre_tokenizer_name", lambda pre: "gpt-2")
     with pytest.raises(VerificationError, match="tokenizer splits verify prompt"):
+        export(cfg)
+    monkeypatch.undo()
+
+    # A file that says not to add BOS: chat prompts still match (the template writes it), plain
+    # text (a completion request) does not.
+    import gguf
+
+    add_bos = gguf.GGUFWriter.add_add_bos_token
+    monkeypatch.setattr(gguf.GGUFWriter, "add_add_bos_token", lambda w, v: add_bos(w, False))
+    with pytest.raises(VerificationError, match="splits plain-text verify prompt 0"):
         export(cfg)
     monkeypatch.undo()
 

@@ -34,7 +34,6 @@ from rayft.export.verify import (
     compare,
     forward_logits,
     prompt_ids,
-    render_prompts,
     require_pass,
     show,
 )
@@ -89,12 +88,16 @@ def expected_logits(src: Path, kind: str, ids: list[list[int]]) -> list[torch.Te
 def verify_gguf(
     path: Path,
     kind: str,
-    ids: list[list[int]],
+    source_tokenizer,
+    prompts: list[str],
     reference: list[torch.Tensor],
-    rendered: list[str],
     expected: list[torch.Tensor] | None = None,
 ) -> list[Comparison]:
     """Load `path` with transformers' GGUF loader; compare its tokenizer and logits.
+
+    The tokenizer must give the source's ids for each prompt both as a chat turn rendered with
+    the file's own template (the ids the logits are compared on) and as plain text with special
+    tokens (a completion request; this is what checks tokenizer.ggml.add_bos_token).
 
     Two logit checks. Against `expected` (the source with weights rounded to the file's types):
     a correct file holds exactly those values, so anything beyond float32 rounding is a writer
@@ -106,13 +109,21 @@ def verify_gguf(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=str(path))
-    got = [tok(text, add_special_tokens=True)["input_ids"] for text in rendered]
-    if got != ids:
-        bad = next(i for i, (a, b) in enumerate(zip(got, ids, strict=True)) if a != b)
-        raise VerificationError(
-            f"{path}: the GGUF tokenizer splits verify prompt {bad} differently from the merged "
-            f"model's ({got[bad][:12]}… vs {ids[bad][:12]}…); the tokenizer metadata is wrong"
-        )
+    ids = prompt_ids(source_tokenizer, prompts)
+    for what, got, want in (
+        ("verify prompt", prompt_ids(tok, prompts), ids),
+        (
+            "plain-text verify prompt",
+            [tok(p)["input_ids"] for p in prompts],
+            [source_tokenizer(p)["input_ids"] for p in prompts],
+        ),
+    ):
+        if got != want:
+            bad = next(i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b)
+            raise VerificationError(
+                f"{path}: the GGUF tokenizer splits {what} {bad} differently from the source "
+                f"model's ({got[bad][:12]}… vs {want[bad][:12]}…); the tokenizer metadata is wrong"
+            )
     model = AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=str(path), dtype=torch.float32
     )
@@ -147,8 +158,8 @@ def export(cfg: JobConfig, fmt: str = "gguf") -> list[Path]:
     )
     origin = lineage(cfg.name, cfg.model.base, cfg.model.revision, method, manifest, adapter_hash)
     tokenizer = AutoTokenizer.from_pretrained(str(src))
-    ids = prompt_ids(tokenizer, cfg.export.verify_prompts)
-    rendered = render_prompts(tokenizer, cfg.export.verify_prompts)
+    prompts = cfg.export.verify_prompts
+    ids = prompt_ids(tokenizer, prompts)
     with step(console, f"reference logits: {src} (float32)"):
         merged = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
         reference = forward_logits(merged, ids)
@@ -169,7 +180,7 @@ def export(cfg: JobConfig, fmt: str = "gguf") -> list[Path]:
                 with step(console, f"expected logits: {src.name} rounded to {kind}"):
                     expected = expected_logits(src, kind, ids)
             with step(console, f"load {kind} GGUF back with transformers and compare"):
-                checks[kind] = verify_gguf(tmp, kind, ids, reference, rendered, expected)
+                checks[kind] = verify_gguf(tmp, kind, tokenizer, prompts, reference, expected)
                 results.extend(checks[kind])
         show(
             results, f"GGUF (transformers loader) vs {src.name} model, {len(ids)} prompts", console

@@ -107,8 +107,12 @@ def render_prompts(tokenizer, prompts: list[str]) -> list[str]:
 
 
 def prompt_ids(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """The ids `rayft serve` and `rayft eval` build: a rendered chat turn is tokenized without
+    special tokens, since the template writes its own (Llama-3's starts with <|begin_of_text|>,
+    which the tokenizer would add a second time); plain text with them."""
+    add_special = not tokenizer.chat_template
     return [
-        tokenizer(text, add_special_tokens=True)["input_ids"]
+        tokenizer(text, add_special_tokens=add_special)["input_ids"]
         for text in render_prompts(tokenizer, prompts)
     ]
 
