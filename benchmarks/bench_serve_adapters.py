@@ -4,8 +4,9 @@ The transformers engine on CPU behind the real Ray Serve app: 8 concurrent clien
 completions (greedy, fixed length) for (a) the base only and (b) a different adapter each, round
 robin over 8 adapters (rank 16, all linear layers). Requests that arrive together share one
 mixed-adapter `generate` call. Prints completion tokens/s of both phases and their ratio, measured
-in this one run (goal: >= 0.85). Also prints the same ratio for the engine alone (no HTTP/Serve).
-One torch thread per replica: on a shared, oversubscribed CPU, multi-threaded kernels spend most
+in this one run (goal: >= 0.85), and the mixed traffic again as streams (which join the same
+batches, so their ratio to the plain mixed traffic should be ~1). Also prints the mixed / base
+ratio for the engine alone (no HTTP/Serve). One torch thread per replica: on a shared, oversubscribed CPU, multi-threaded kernels spend most
 of their time waiting for each other, which drowns the effect being measured.
 
     python benchmarks/bench_serve_adapters.py [--model smollm2-135m-instruct|tiny-llama]
@@ -14,6 +15,7 @@ of their time waiting for each other, which drowns the effect being measured.
 from __future__ import annotations
 
 import argparse
+import json
 import socket
 import sys
 import tempfile
@@ -52,7 +54,7 @@ def make_adapters(base: str, out: Path) -> dict[str, str]:
 
 
 def phase(
-    url: str, models_cycle: list[str], n: int, max_tokens: int, clients: int
+    url: str, models_cycle: list[str], n: int, max_tokens: int, clients: int, stream=False
 ) -> tuple[int, float]:
     """(completion tokens, seconds) for n requests spread over `clients` threads."""
 
@@ -62,10 +64,17 @@ def phase(
             "prompt": f"Tell me about {i}",
             "max_tokens": max_tokens,
             "temperature": 0,
+            "stream": stream,
         }
         r = requests.post(url + "/completions", json=body, timeout=600)
         r.raise_for_status()
-        return r.json()["usage"]["completion_tokens"]
+        if not stream:
+            return r.json()["usage"]["completion_tokens"]
+        # No usage in a stream: a full-length answer has max_tokens; else count the chunks.
+        chunks = [json.loads(x[6:]) for x in r.text.split("\n\n") if x.startswith("data: {")]
+        if chunks[-1]["choices"][0]["finish_reason"] == "length":
+            return max_tokens
+        return sum(bool(c["choices"][0]["text"]) for c in chunks)
 
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
@@ -144,13 +153,18 @@ def main() -> int:
         phase(url, ["base", *names], len(names) + 1, 2, 1)  # warm-up: load every adapter once
         # Alternate short base and mixed rounds: the machine's other load drifts during a run,
         # and interleaving spreads that drift over both sides of the ratio.
-        totals = {"base": [0, 0.0], "mixed": [0, 0.0]}
+        totals = {"base": [0, 0.0], "mixed": [0, 0.0], "streams": [0, 0.0]}
+        sides = (("base", ["base"], False), ("mixed", names, False), ("streams", names, True))
         for _ in range(args.rounds):
-            for kind, cycle in (("base", ["base"]), ("mixed", names)):
-                tokens, secs = phase(url, cycle, args.requests, args.max_tokens, args.clients)
+            for kind, cycle, stream in sides:
+                tokens, secs = phase(
+                    url, cycle, args.requests, args.max_tokens, args.clients, stream
+                )
                 totals[kind][0] += tokens
                 totals[kind][1] += secs
-        base_rate, mixed_rate = (totals[k][0] / totals[k][1] for k in ("base", "mixed"))
+        base_rate, mixed_rate, stream_rate = (
+            totals[k][0] / totals[k][1] for k in ("base", "mixed", "streams")
+        )
         stop()
     finally:
         ray.shutdown()
@@ -163,6 +177,10 @@ def main() -> int:
     )
     print(
         f"serve: mixed / base-only throughput ratio = {mixed_rate / base_rate:.3f} (goal >= 0.85)"
+    )
+    print(
+        f"serve: the mixed traffic as streams {stream_rate:.1f} tok/s, streams / plain ratio "
+        f"= {stream_rate / mixed_rate:.3f} (streams share batches: ~1)"
     )
     engine_only(base, adapters, args.max_tokens, rounds=args.rounds)
     return 0

@@ -111,11 +111,18 @@ def test_adapters_change_answers_and_merged_matches_adapter(server):
     base, a1, a2 = chat_text(url, "base"), chat_text(url, "a1"), chat_text(url, "base:a2")
     assert len({base, a1, a2}) == 3
     assert chat_text(url, "m1") == a1  # the merged model is adapter a1 folded into the base
-    # Mixed-adapter batch: concurrent requests for different adapters get their own answers.
+    # Mixed-adapter batch: concurrent requests for different adapters get their own answers,
+    # streams among them (they share batches with plain requests).
     results: dict[int, str] = {}
 
     def one(i: int, model: str) -> None:
-        results[i] = chat_text(url, model)
+        if i % 2 == 0:
+            results[i] = chat_text(url, model)
+            return
+        stream = client(url).chat.completions.create(
+            model=model, messages=HI, max_tokens=8, temperature=0, stream=True
+        )
+        results[i] = "".join(ch.choices[0].delta.content or "" for ch in stream)
 
     models = ["base", "a1", "a2"] * 3
     threads = [threading.Thread(target=one, args=(i, m)) for i, m in enumerate(models)]

@@ -9,6 +9,7 @@ import pickle
 import random
 import shutil
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -236,7 +237,7 @@ def test_report_win_rates_ratings_and_tests(tmp_path):
 
 def test_engine_mixed_batch_matches_single_requests_with_dora_and_eviction(tiny_model, tmp_path):
     from rayft.serving.hf_engine import TransformersEngine
-    from rayft.serving.protocol import GenRequest
+    from rayft.serving.protocol import GenRequest, GenResult
 
     refs = [
         fingerprint(f"a{i}", make_adapter(tiny_model, tmp_path / f"a{i}", seed=i, dora=i == 2))
@@ -250,9 +251,22 @@ def test_engine_mixed_batch_matches_single_requests_with_dora_and_eviction(tiny_
     single = [engine.generate([req])[0].text for req in batch]  # evicts and reloads (max 1)
     assert single == mixed
     assert len(engine.loaded_adapters()) == 1
-    *pieces, summary = engine.stream(batch[1])
-    assert "".join(pieces) == mixed[1]
-    assert (summary.completion_tokens, summary.finish_reason) == (6, "length")
+    # Streams share the batch with plain requests: the same answers, piece by piece.
+    streamed = [replace(r, stream=i % 2 == 1) for i, r in enumerate(batch)]
+    steps = list(engine.stream_batch(streamed))
+    assert all(len(step) == len(batch) for step in steps) and len(steps) > 3
+    for i, r in enumerate(streamed):
+        entries = [step[i] for step in steps]
+        summary = next(e for e in entries if isinstance(e, GenResult))
+        pieces = entries[: entries.index(summary)]
+        assert all(isinstance(p, str) for p in pieces)
+        assert set(entries[len(pieces) + 1 :]) <= {None}
+        assert (summary.text, summary.completion_tokens) == (mixed[i], 6)
+        assert "".join(pieces) == (mixed[i] if r.stream else "")
+    stop = mixed[1][3:5]  # a stop string inside the answer ends it there
+    entries = [s[0] for s in engine.stream_batch([replace(streamed[1], stop=[stop])])]
+    assert "".join(e for e in entries if isinstance(e, str)) == mixed[1][: mixed[1].index(stop)]
+    assert entries[-1].finish_reason == "stop"
     # An adapter whose files vanished fails its own request only, with a clear error.
     gone = fingerprint("gone", make_adapter(tiny_model, tmp_path / "gone", seed=9))
     shutil.rmtree(gone.path)

@@ -1,7 +1,7 @@
 """The engine deployment: one replica = one engine (a model, its tokenizer, its resident adapters).
 
-Non-streaming requests go through `serve.batch`, so requests that arrive together, whatever
-adapter they name, become one `generate` call. Engine calls run in a thread so the replica's
+Requests go through `serve.batch`, so requests that arrive together, whatever adapter they
+name and whether they stream or not, become one `generate` call. Engine calls run in a thread so the replica's
 event loop keeps answering health checks and filling the next batch meanwhile.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import ray
 from ray import serve
@@ -69,20 +70,32 @@ class EngineServer:
         self.generate_batch.set_batch_wait_timeout_s(batch_wait_s)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)  # both set in __init__
-    async def generate_batch(self, requests: list[GenRequest]) -> list[GenResult]:
-        return await asyncio.to_thread(self.engine.generate, requests)
+    async def generate_batch(self, requests: list[GenRequest]):
+        """Streaming and plain requests share batches. A batch without streams is one plain
+        `generate`; with streams, each request gets its entries as they come (see
+        `stream_batch`) and plain ones wait for their last."""
+        if not any(r.stream for r in requests):
+            yield await asyncio.to_thread(self.engine.generate, requests)
+            return
+        steps = self.engine.stream_batch(requests)
+        done = object()
+        while (out := await asyncio.to_thread(next, steps, done)) is not done:
+            yield [StopIteration if x is None else x for x in out]  # None: that one is over
 
     async def generate(self, request: GenRequest) -> GenResult:
-        result = await self.generate_batch(request)
+        result = None
+        async for item in self.generate_batch(replace(request, stream=False)):
+            result = item  # the last entry: its GenResult (the others are '')
         if isinstance(result, Exception):  # this request alone failed (see engine.generate)
             raise result
         return result
 
     async def stream(self, request: GenRequest) -> AsyncIterator[str | GenResult]:
-        pieces = self.engine.stream(request)
-        done = object()
-        while (piece := await asyncio.to_thread(next, pieces, done)) is not done:
-            yield piece
+        async for piece in self.generate_batch(replace(request, stream=True)):
+            if isinstance(piece, Exception):
+                raise piece
+            if piece:  # '' while others in the batch produce text
+                yield piece
 
     def loaded_adapters(self) -> list[str]:
         return self.engine.loaded_adapters()

@@ -3,7 +3,10 @@
 Requests for different adapters share one `generate` call: LoRA layers add per-row adapter
 deltas with two batched matmuls (`lora_batch`), or, for layer kinds it does not cover, through
 PEFT's mixed-adapter batches (`adapter_names=`), so eight adapters cost one forward pass per
-token, not eight. DoRA cannot join mixed batches, so a DoRA adapter is merged into its own copy
+token, not eight. Streaming requests join the same batches (`stream_batch`: the batch's
+`generate` reports each step's tokens, and streaming rows get their text as it grows), so a
+stream neither waits behind nor holds up the requests that arrive with it. DoRA cannot join
+mixed batches, so a DoRA adapter is merged into its own copy
 of the base (the in-replica "merged fallback") and batched separately; with `serve.dora:
 merge` the engine declares DoRA unsupported instead, and rayft serves each DoRA adapter as its
 own merged deployment: the path vLLM takes, so that path runs on CPU in the tests.
@@ -13,13 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import queue
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rayft.serving import lora_batch
 from rayft.serving.adapters import check_compatible
@@ -130,7 +134,10 @@ class TransformersEngine:
 
     # ------------------------------------------------------------------ generation
 
-    def generate(self, requests: list[GenRequest]) -> list[GenResult | ServeError]:
+    def generate(self, requests: list[GenRequest], on_step=None) -> list[GenResult | ServeError]:
+        """Answer a batch. `on_step(rows, tokens)`, when given, is called from inside the model
+        with each decoding step's new token of batch rows `rows`, and `on_step(i, result)` once
+        request i is answered (or failed)."""
         results: list[GenResult | ServeError | None] = [None] * len(requests)
         with self._lock:
             keep = {r.adapter.key for r in requests if r.adapter}
@@ -141,6 +148,8 @@ class TransformersEngine:
                         self._ensure(r.adapter, keep)
                     except Exception as e:
                         results[i] = _load_error(r.adapter, e)
+                        if on_step:
+                            on_step(i, results[i])
             groups: dict[tuple, list[int]] = {}
             for i, r in enumerate(requests):
                 if results[i] is not None:
@@ -149,8 +158,12 @@ class TransformersEngine:
                 sampling = (0.0, 1.0) if r.temperature == 0 else (r.temperature, r.top_p)
                 groups.setdefault((merged, sampling, r.seed), []).append(i)
             for (merged, _, _), idx in groups.items():
-                for i, res in zip(idx, self._run([requests[i] for i in idx], merged), strict=True):
+                streamer = _StepStreamer(idx, on_step) if on_step else None
+                group = [requests[i] for i in idx]
+                for i, res in zip(idx, self._run(group, merged, streamer), strict=True):
                     results[i] = res
+                    if on_step:
+                        on_step(i, res)
         return results  # type: ignore[return-value]
 
     def _pick(self, reqs: list[GenRequest], merged: str | None) -> tuple:
@@ -185,14 +198,14 @@ class TransformersEngine:
             mask[i, width - len(r.prompt_ids) :] = 1
         return ids.to(self.device), mask.to(self.device)
 
-    def _run(self, reqs: list[GenRequest], merged: str | None) -> list[GenResult]:
+    def _run(self, reqs: list[GenRequest], merged: str | None, streamer=None) -> list[GenResult]:
         model, extra, ctx = self._pick(reqs, merged)
         ids, mask = self._batch_tensors(reqs)
         kw = self._gen_kwargs(reqs[0], max(r.max_tokens for r in reqs)) | extra
         if reqs[0].seed is not None:
             torch.manual_seed(reqs[0].seed)
         with ctx, torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=mask, **kw)
+            out = model.generate(input_ids=ids, attention_mask=mask, streamer=streamer, **kw)
         return [self._result(r, out[i, ids.shape[1] :].tolist()) for i, r in enumerate(reqs)]
 
     def _result(self, r: GenRequest, tokens: list[int]) -> GenResult:
@@ -207,67 +220,97 @@ class TransformersEngine:
             text, finish = cut, "stop"
         return GenResult(text, len(r.prompt_ids), len(tokens), finish)
 
-    def stream(self, request: GenRequest) -> Iterator[str | GenResult]:
-        """Yield decoded text pieces, then one GenResult (empty text) with the token counts and
-        finish reason. The generate call runs in a thread under the model lock."""
-        streamer = _CountingStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        errors: list[BaseException] = []
+    def stream_batch(
+        self, requests: list[GenRequest]
+    ) -> Iterator[list[str | GenResult | ServeError | None]]:
+        """`generate` for a batch in which some requests stream: yields one entry per request
+        at a time: a text piece ('' when there is nothing new; always '' for requests that do
+        not stream), then the request's GenResult or ServeError once, then None. Generation
+        runs in a thread (under the model lock); steps that pile up between two reads become
+        one entry, so a slow reader costs nothing but latency."""
+        events: queue.SimpleQueue = queue.SimpleQueue()
+        end = object()
 
         def work() -> None:
             try:
-                with self._lock:
-                    if request.adapter:
-                        try:
-                            self._ensure(request.adapter, {request.adapter.key})
-                        except Exception as e:
-                            raise _load_error(request.adapter, e) from e
-                    merged = request.adapter.key if request.adapter else None
-                    merged = merged if merged in self._merged else None
-                    model, extra, ctx = self._pick([request], merged)
-                    ids, mask = self._batch_tensors([request])
-                    kw = self._gen_kwargs(request, request.max_tokens) | extra
-                    with ctx, torch.inference_mode():
-                        model.generate(input_ids=ids, attention_mask=mask, streamer=streamer, **kw)
-            except BaseException as e:  # re-raised in the consumer, which owns the request
-                errors.append(e)
-                streamer.end()
+                self.generate(requests, on_step=lambda rows, x: events.put((rows, x)))
+            except BaseException as e:  # re-raised in the reader, which owns the requests
+                events.put((None, e))
+            events.put((None, end))
 
-        thread = threading.Thread(target=work, daemon=True)
-        thread.start()
-        text, stopped = "", False
-        for piece in streamer:
-            cut = cut_at_stop(text + piece, request.stop)
-            if cut is not None:
-                if len(cut) > len(text):
-                    yield cut[len(text) :]
-                stopped = True
-                break
-            text += piece
-            if piece:
-                yield piece
-        thread.join()
-        if errors:
-            raise errors[0]
-        done = self._result(request, streamer.generated)
-        yield GenResult(
-            "",
-            done.prompt_tokens,
-            done.completion_tokens,
-            "stop" if stopped else done.finish_reason,
-        )
+        threading.Thread(target=work, daemon=True).start()
+        tokens: list[list[int]] = [[] for _ in requests]
+        shown = [0] * len(requests)  # characters of text already yielded
+        final: list[GenResult | ServeError | None] = [None] * len(requests)
+        sent = [False] * len(requests)
+        finished = False
+        while not finished:
+            pending = [events.get()]
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    pending.append(events.get_nowait())
+            for rows, x in pending:
+                if rows is None:
+                    if x is end:
+                        finished = True
+                        continue
+                    raise x
+                if isinstance(rows, int):
+                    final[rows] = x
+                    continue
+                for i, t in zip(rows, x.reshape(-1).tolist(), strict=True):
+                    tokens[i].append(t)
+            out: list[str | GenResult | ServeError | None] = []
+            for i, r in enumerate(requests):
+                if sent[i]:
+                    out.append(None)
+                elif final[i] is not None:
+                    res = final[i]
+                    if r.stream and isinstance(res, GenResult) and len(res.text) > shown[i]:
+                        out.append(res.text[shown[i] :])  # the rest first, the summary next
+                        shown[i] = len(res.text)
+                        continue
+                    out.append(res)
+                    sent[i] = True
+                elif r.stream:
+                    text = self._partial(r, tokens[i])
+                    out.append(text[shown[i] :])
+                    shown[i] = max(shown[i], len(text))
+                else:
+                    out.append("")
+            yield out
+        if not all(sent):  # the summaries of rows whose last text came with the end
+            yield [None if sent[i] else final[i] for i in range(len(requests))]
+
+    def _partial(self, r: GenRequest, tokens: list[int]) -> str:
+        """The text of an unfinished answer that is safe to show: complete words only, and
+        nothing that could still become the start of a stop string."""
+        if self.eos_id in tokens:
+            tokens = tokens[: tokens.index(self.eos_id)]
+        text = self.tokenizer.decode(tokens[: r.max_tokens], skip_special_tokens=True)
+        cut = cut_at_stop(text, r.stop)
+        if cut is not None:
+            return cut
+        end = text.rfind(" ") + 1 if not text.endswith("\n") else len(text)
+        hold = max((len(s) for s in r.stop), default=1) - 1
+        return text[: max(0, min(end, len(text) - hold))]
 
 
-class _CountingStreamer(TextIteratorStreamer):
-    """TextIteratorStreamer that also keeps the generated token ids (for usage and finish)."""
+class _StepStreamer:
+    """What `generate(streamer=)` calls: the prompt once (skipped), then each step's new token
+    per row. Not TextStreamer: that one takes batch size 1 only."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.generated: list[int] = []
+    def __init__(self, rows: list[int], on_step):
+        self.rows, self.on_step, self.prompt = rows, on_step, True
 
     def put(self, value: torch.Tensor) -> None:
-        if not (self.skip_prompt and self.next_tokens_are_prompt):
-            self.generated.extend(value.reshape(-1).tolist())
-        super().put(value)
+        if self.prompt:
+            self.prompt = False
+            return
+        self.on_step(self.rows, value)
+
+    def end(self) -> None:
+        pass
 
 
 def _load_error(ref: AdapterRef, e: Exception) -> ServeError:

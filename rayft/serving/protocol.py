@@ -32,6 +32,7 @@ class GenRequest:
     stop: list[str] = field(default_factory=list)
     adapter: AdapterRef | None = None
     seed: int | None = None
+    stream: bool = False  # set by the engine deployment: wants its text as it is produced
 
 
 @dataclass
@@ -56,9 +57,12 @@ class Engine(Protocol):
         that request alone failed (its adapter could not be loaded)."""
         ...
 
-    def stream(self, request: GenRequest) -> Iterator[str | GenResult]:
-        """Yield text pieces of one answer as they are produced, then one GenResult (empty
-        text) carrying the token counts and finish reason."""
+    def stream_batch(
+        self, requests: list[GenRequest]
+    ) -> Iterator[list[str | GenResult | ServeError | None]]:
+        """`generate` for a batch in which some requests stream: each yield has one entry per
+        request: text pieces (for streaming requests; '' otherwise), then its GenResult or
+        ServeError once, then None."""
         ...
 
     def check_adapter(self, path: str) -> dict:

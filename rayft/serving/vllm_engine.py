@@ -84,11 +84,11 @@ class VllmEngine:
             for r, o in zip(requests, outs, strict=True)
         ]
 
-    def stream(self, request: GenRequest) -> Iterator[str | GenResult]:
-        # The offline LLM class has no token stream; answer in one piece.
-        result = self.generate([request])[0]
-        yield result.text
-        yield GenResult("", result.prompt_tokens, result.completion_tokens, result.finish_reason)
+    def stream_batch(self, requests: list[GenRequest]) -> Iterator[list]:
+        # The offline LLM class has no token stream; each answer comes in one piece.
+        results = self.generate(requests)
+        yield [res.text if r.stream else "" for r, res in zip(requests, results, strict=True)]
+        yield results
 
     @staticmethod
     def serves(dora: str = "native") -> frozenset[str]:
