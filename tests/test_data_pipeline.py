@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 
 from rayft.cli import main as cli_main
 from rayft.config import JobConfig
-from rayft.data import DataValidationError, prepare
+from rayft.data import DataValidationError, pipeline, prepare
 from rayft.manifest import read_manifest
 
 DEMO = Path(__file__).parent.parent / "examples" / "data" / "support.jsonl"
@@ -42,12 +42,14 @@ def _read(path: Path) -> pd.DataFrame:
     return pd.read_parquet(path)
 
 
-def _config(tmp_path: Path, tiny_model: str, files: list[str], **data) -> JobConfig:
+def _config(tmp_path: Path, tiny_model: str, files: list[str] | None = None, **data) -> JobConfig:
+    if files is not None:
+        data["train_files"] = files
     return JobConfig.model_validate(
         {
             "run_dir": str(tmp_path / "run"),
             "model": {"base": tiny_model},
-            "data": {"train_files": files, "max_seq_len": 256, "on_error": "skip", **data},
+            "data": {"max_seq_len": 256, "on_error": "skip", **data},
         }
     )
 
@@ -294,30 +296,86 @@ def test_prepare_reads_s3_uris_preference_rows(tmp_path, tiny_model, ray_local, 
     assert not (art.data_dir / "packed").exists()
 
 
-def test_prepare_reads_a_file_matched_twice_once(tmp_path, tiny_model, ray_local, capsys):
+def test_prepare_formats_held_out_files_truncation_and_stable_splits(
+    tmp_path, tiny_model, ray_local, capsys
+):
     # test.jsonl is matched by the train glob too, and the glob is listed twice; its first
-    # line starts with the BOM Windows editors write
+    # line starts with the BOM Windows editors write. Alpaca, prompt/completion and text files
+    # sit beside it, an explicit validation file outside, and one text row is over length.
     d = tmp_path / "d"
     d.mkdir()
     demo = DEMO.read_text().splitlines()
     train = _write_jsonl(d / "train.jsonl", demo[:20])
     test = d / "test.jsonl"
     test.write_bytes(b"\xef\xbb\xbf" + "\n".join(demo[20:26]).encode() + b"\n")
-    cfg = _config(
-        tmp_path, tiny_model, [f"{d}/*.jsonl", f"{d}/*.jsonl"], test_files=[str(test)], pack=False
+    alpaca = _write_jsonl(
+        d / "alpaca.jsonl",
+        [
+            {"instruction": "Triage this ticket.", "input": "My kettle leaks.", "output": "RET-7"},
+            {"instruction": "Name the capital of Peru.", "output": "Lima is the capital."},
+        ],
     )
+    completions = _write_jsonl(
+        d / "completions.jsonl",
+        [
+            {"prompt": "Translate 'winter' to German:", "completion": "Winter, masculine."},
+            {"prompt": "How many legs has a spider?", "completion": "Eight legs in total."},
+        ],
+    )
+    notes = _write_jsonl(
+        d / "notes.jsonl",
+        [
+            {"text": "Refunds reach the card within five working days of approval."},
+            {"text": "Warehouse B closes early on public holidays in Bavaria."},
+            {"text": "Long note: " + " ".join(f"item{i}" for i in range(400))},
+        ],
+    )
+    held = _write_jsonl(tmp_path / "held.jsonl", demo[26:30])
+    files = {
+        "train_files": [f"{d}/*.jsonl", f"{d}/*.jsonl"],
+        "test_files": [str(test)],
+        "validation_files": [str(held)],
+    }
+    cfg = _config(tmp_path, tiny_model, pack=False, overlength="truncate", **files)
     rep = prepare(cfg).report
-    assert rep["rows_in"] == 26 and rep["rejected"] == {}
+    assert rep["rows_in"] == 20 + 6 + 2 + 2 + 3 + 4 and rep["rejected"] == {}
     assert rep["duplicates_removed"] == {"exact": 0, "near": 0}
-    assert rep["rows_out"]["test"] == 6
-    assert rep["rows_out"]["train"] + rep["rows_out"]["validation"] == 20
+    assert rep["formats"][str(alpaca)] == "alpaca" and rep["formats"][str(notes)] == "text"
+    assert rep["formats"][str(completions)] == "prompt_completion"
+    assert rep["rows_out"] == {"train": 27, "validation": 4, "test": 6}  # held-out files only
+    assert rep["overlength"] == {"dropped": 0, "truncated": 1}
     data = Path(cfg.run_dir) / "data"
-    held = _read(data / "test.parquet")
-    assert set(held["source"]) == {f"{test}:{i}" for i in range(1, 7)}
-    trained = pd.concat([_read(data / f"{s}.parquet") for s in ("train", "validation")])
-    assert set(trained["source"]) == {f"{train}:{i}" for i in range(1, 21)}
+    splits = {s: _read(data / f"{s}.parquet") for s in ("train", "validation", "test")}
+    assert set(splits["test"]["source"]) == {f"{test}:{i}" for i in range(1, 7)}
+    assert set(splits["validation"]["source"]) == {f"{held}:{i}" for i in range(1, 5)}
+    trained = splits["train"]
+    assert {f"{train}:{i}" for i in range(1, 21)} <= set(trained["source"])
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    by_source = trained.set_index("source")
+
+    def learned(source: str) -> str:
+        row = by_source.loc[source]
+        return tok.decode([t for t in row["labels"] if t != -100])
+
+    # alpaca and prompt/completion rows learn the answer only; text rows learn everything
+    assert "RET-7" in learned(f"{alpaca}:1") and "kettle" not in learned(f"{alpaca}:1")
+    assert "Eight legs" in learned(f"{completions}:2") and "spider" not in learned(
+        f"{completions}:2"
+    )
+    assert learned(f"{notes}:1").startswith("Refunds reach the card")
+    long = by_source.loc[f"{notes}:3"]
+    assert long["num_tokens"] == len(long["input_ids"]) == 256
     out = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
     assert "test.jsonl matches data.train_files but is listed in data.test_files" in out
+
+    # The same rows listed in another order land in the same splits (content, not position)
+    again = {**files, "train_files": [str(notes), str(alpaca), str(completions), str(train)]}
+    cfg2 = _config(tmp_path / "again", tiny_model, pack=False, overlength="truncate", **again)
+    prepare(cfg2)
+    for s in ("train", "validation", "test"):
+        first = splits[s].set_index("id")["source"].to_dict()
+        second = _read(Path(cfg2.run_dir) / "data" / f"{s}.parquet")
+        assert second.set_index("id")["source"].to_dict() == first
 
 
 def _refusing_model(tiny_model: str, dest: Path) -> str:
@@ -334,8 +392,11 @@ def _refusing_model(tiny_model: str, dest: Path) -> str:
 
 
 def test_template_refusals_are_rejects_and_first_turn_answers_train(
-    tmp_path, tiny_model, ray_local
+    tmp_path, tiny_model, ray_local, monkeypatch
 ):
+    # splits this small are packed whole on the driver; here they take the per-block path
+    # that larger splits take
+    monkeypatch.setattr(pipeline, "PACK_WHOLE_TOKENS", 0)
     system = {"role": "system", "content": "You are Acme's support triage assistant."}
     greeting = {"role": "assistant", "content": "Hi, Acme support here. How can I help?"}
     lines = DEMO.read_text().splitlines()[:10] + [
