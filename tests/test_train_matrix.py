@@ -11,6 +11,7 @@ Riders on single cells, so they cost no extra run:
 - LoRA x ZeRO-2 trains with gradient accumulation (2 micro-batches), gradient checkpointing and
   a warmup: the learning rate ramps then holds, and each optimizer step consumes two micro-batches
   of data (more tokens than four of the largest packed rows could hold).
+- Full x ZeRO-3 offloads the optimizer and the parameters to CPU (DeepSpeed's offload path).
 - QLoRA x ZeRO-3 and DoRA x ZeRO-3 adapters, as `rayft train` wrote them, go through `rayft merge`
   and its logits verification against base + adapter.
 """
@@ -30,6 +31,9 @@ pytestmark = pytest.mark.slow
 
 
 def _run(run_dir, method: str, zero: int, lr: float = 1e-2, **training):
+    offload = (
+        {"offload_optimizer": True, "offload_params": True} if (method, zero) == OFFLOAD else {}
+    )
     fault = {"sigkill": {"step": 3, "rank": 1, "marker": str(run_dir / "killed")}}
     cfg = JobConfig.model_validate(
         {
@@ -44,7 +48,7 @@ def _run(run_dir, method: str, zero: int, lr: float = 1e-2, **training):
                 "warmup_ratio": 0.0,
                 "per_device_batch_size": 2,
                 "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-                "deepspeed": {"zero_stage": zero},
+                "deepspeed": {"zero_stage": zero, **offload},
                 **training,
             },
             "cluster": {"num_workers": 2, "max_failures": 1},
@@ -73,6 +77,7 @@ def _load_adapter(adapter_dir):
 
 MATRIX = [(m, z) for m in ("lora", "qlora", "full") for z in (0, 2, 3)] + [("dora", 0), ("dora", 3)]
 ACCUMULATE = ("lora", 2)
+OFFLOAD = ("full", 3)
 MERGE = {("qlora", 3), ("dora", 3)}
 ACCUMULATION = {
     "gradient_accumulation_steps": 2,
