@@ -394,9 +394,9 @@ def _refusing_model(tiny_model: str, dest: Path) -> str:
 def test_template_refusals_are_rejects_and_first_turn_answers_train(
     tmp_path, tiny_model, ray_local, monkeypatch
 ):
-    # splits this small are packed whole on the driver; here they take the per-block path
-    # that larger splits take
-    monkeypatch.setattr(pipeline, "PACK_WHOLE_TOKENS", 0)
+    # outputs this small are written and packed by the driver; here they take the Ray Data
+    # write and the per-block packing that larger ones take
+    monkeypatch.setattr(pipeline, "DRIVER_TOKENS", 0)
     system = {"role": "system", "content": "You are Acme's support triage assistant."}
     greeting = {"role": "assistant", "content": "Hi, Acme support here. How can I help?"}
     lines = DEMO.read_text().splitlines()[:10] + [

@@ -28,10 +28,12 @@ from rayft.data import dedupe, pack, report, sources, stages
 from rayft.errors import RayftError
 
 STAGING = ".splits"
-# Splits up to this many tokens are packed as a whole on the driver (int32 ids and labels:
-# 8 bytes a token, 128 MiB here): one plan over the whole split leaves one partly filled
-# sequence where packing per block leaves one per block. Larger splits pack per block.
-PACK_WHOLE_TOKENS = 16_000_000
+# Up to this many tokens (int32 ids and labels: 8 bytes a token, 128 MiB here) the driver,
+# which reads every tokenized block for the counts anyway, keeps the kept rows and writes the
+# splits itself and packs each split whole: one plan over a split leaves one partly filled
+# sequence where packing per block leaves one per block, and a Ray Data write job costs
+# seconds of scheduling for a few MB. Larger outputs are written and packed per block.
+DRIVER_TOKENS = 16_000_000
 
 
 class DataValidationError(RayftError):
@@ -112,13 +114,14 @@ def prepare(cfg: JobConfig) -> DataArtifacts:
             )
             .materialize()
         )
-        stats = _collect_tokenized(tokenized, packing=kind == "sft" and d.pack)
+        schema = stages.SFT_SCHEMA if kind == "sft" else stages.PREFERENCE_SCHEMA
+        stats = _collect_tokenized(tokenized, schema)
         # Rows the chat template refused are known only now: record them with the others.
         rejects = sorted(facts["rejects"] + stats["rejects"], key=lambda r: (r["file"], r["line"]))
         if stats["rejects"]:
             _record_rejects(rejects, data_dir, d.on_error)
         timings["split_tokenize"] = _lap(marks)
-        splits = _write_splits(tokenized, data_dir, kind, stats["rows"])
+        splits = _write_splits(tokenized, data_dir, schema, stats)
         timings["write"] = _lap(marks)
         packed, packing = {}, {}
         if kind == "sft" and d.pack:
@@ -268,18 +271,17 @@ def _single_kind(kinds: Counter) -> str:
     return next(iter(kinds))
 
 
-def _collect_tokenized(ds, packing: bool) -> dict[str, Any]:
-    """Counts, template rejects and the content hash; with `packing`, also the examples of
-    the splits to pack while they stay under PACK_WHOLE_TOKENS (None once they pass it)."""
+def _collect_tokenized(ds, schema: pa.Schema) -> dict[str, Any]:
+    """Counts, template rejects and the content hash; and the kept rows (`schema` and split)
+    while they stay under DRIVER_TOKENS (`kept` None once they pass it)."""
     rows, tokens, dropped, truncated = Counter(), Counter(), 0, 0
     ids, rejects = [], []
-    to_pack: dict[str, list[pa.Table] | None] = {"train": [], "validation": []} if packing else {}
+    kept: list[pa.Table] | None = []
     columns = ["id", "source", "split", "num_tokens", "overlength"]
     columns += ["error_kind", "error_field", "reason", "raw"]
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        for name, parts in to_pack.items():
-            if parts is not None:
-                parts.append(stages.split_rows(batch, name, ["input_ids", "labels"]))
+        if kept is not None:
+            kept.append(stages.split_rows(batch, None, [*schema.names, "split"]))
         for r in batch.select(columns).to_pylist():
             if r["error_kind"] is not None:
                 file, line = r["source"].rsplit(":", 1)
@@ -301,9 +303,8 @@ def _collect_tokenized(ds, packing: bool) -> dict[str, Any]:
             rows[r["split"]] += 1
             tokens[r["split"]] += r["num_tokens"]
             ids.append(f"{r['split']}:{r['id']}")
-        for name in to_pack:
-            if tokens[name] > PACK_WHOLE_TOKENS:
-                to_pack[name] = None
+        if sum(tokens.values()) > DRIVER_TOKENS:
+            kept = None
     # Content-addressed: the same prepared examples give the same hash, wherever they came from.
     digest = hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:16]
     return {
@@ -313,30 +314,45 @@ def _collect_tokenized(ds, packing: bool) -> dict[str, Any]:
         "truncated": truncated,
         "rejects": rejects,
         "hash": digest,
-        "to_pack": {n: pa.concat_tables(p) for n, p in to_pack.items() if p},
+        "kept": pa.concat_tables(kept).combine_chunks() if kept else None,
     }
 
 
-def _write_splits(ds, data_dir: Path, kind: str, rows: Counter) -> dict[str, Path]:
-    schema = stages.SFT_SCHEMA if kind == "sft" else stages.PREFERENCE_SCHEMA
-    # One pass writes all splits (hive-partitioned by split, which also drops the column);
-    # the partition directories are then renamed to the contract's names.
+def _write_splits(ds, data_dir: Path, schema: pa.Schema, stats: dict[str, Any]) -> dict[str, Path]:
+    # Into staging, one directory a split as a hive-partitioned write makes them (Ray Data's
+    # drops the split column; the driver's writes the kept rows it holds); the directories are
+    # then renamed to the contract's names.
     staging = data_dir / STAGING
-    ds.map_batches(
-        stages.split_rows,
-        batch_format="pyarrow",
-        fn_kwargs={"name": None, "columns": [*schema.names, "split"]},
-    ).write_parquet(str(staging.resolve()), partition_cols=["split"])
+    if stats["kept"] is not None:
+        for name, table in _by_split(stats["kept"], schema).items():
+            (staging / f"split={name}").mkdir(parents=True)
+            pq.write_table(table, staging / f"split={name}" / "part-0.parquet")
+    else:
+        ds.map_batches(
+            stages.split_rows,
+            batch_format="pyarrow",
+            fn_kwargs={"name": None, "columns": [*schema.names, "split"]},
+        ).write_parquet(str(staging.resolve()), partition_cols=["split"])
     out = {}
     for name in report.SPLITS:
         path = data_dir / f"{name}.parquet"
-        if rows[name]:
+        if stats["rows"][name]:
             (staging / f"split={name}").rename(path)
         else:  # an empty split still has a schema, so readers need no special case
             path.mkdir(parents=True, exist_ok=True)
             pq.write_table(schema.empty_table(), path / "empty.parquet")
         out[name] = path
     shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def _by_split(kept: pa.Table, schema: pa.Schema) -> dict[str, pa.Table]:
+    """The non-empty splits of the kept rows, in `schema`."""
+    out = {}
+    for name in report.SPLITS:
+        table = kept.filter(pc.equal(kept["split"], name)).select(schema.names)
+        if table.num_rows:
+            out[name] = table
     return out
 
 
@@ -348,9 +364,9 @@ def _write_packed(
         if not stats["rows"][name]:
             continue
         path = data_dir / "packed" / f"{name}.parquet"
-        whole = stats["to_pack"].get(name)
-        if whole is not None:
-            packed = pack.pack(whole, max_len)
+        if stats["kept"] is not None:
+            split = stats["kept"].filter(pc.equal(stats["kept"]["split"], name))
+            packed = pack.pack(split.select(["input_ids", "labels"]), max_len)
             path.mkdir(parents=True, exist_ok=True)
             pq.write_table(packed, path / "packed.parquet", row_group_size=1024)
             sequences[name] = packed.num_rows
