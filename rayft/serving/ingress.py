@@ -21,6 +21,7 @@ from ray import serve
 from ray.exceptions import RayTaskError
 from ray.serve.exceptions import BackPressureError, RayServeException
 from ray.serve.handle import DeploymentHandle
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from rayft.config import JobConfig
 from rayft.serving import openai_api as oa
@@ -529,8 +530,12 @@ class Ingress:
 
     async def _deploy_merged(self, name: str, path: Path) -> dict:
         """Merge the adapter into the base and serve it as application `rayft-merged-<name>`."""
+        # On the ingress's node: the merged files land beside its adapter cache and registry.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         try:
-            model = await _merge_task.remote(self.s.job, name, str(path))
+            model = await _merge_task.options(scheduling_strategy=here).remote(
+                self.s.job, name, str(path)
+            )
         except RayTaskError as e:
             if isinstance(e.cause, ServeError):
                 raise e.cause from None
