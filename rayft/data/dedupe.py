@@ -91,14 +91,15 @@ def find_duplicates(
     # Band for a lower threshold than asked: LSH misses many pairs just above its own threshold,
     # and every candidate is confirmed against `threshold` below anyway.
     lsh = MinHashLSH(threshold=max(0.3, threshold - 0.2), num_perm=num_perm)
-    kept: dict[str, np.ndarray] = {}
-    for source, sig in survivors:
-        hv = np.frombuffer(sig, dtype="<u8")
-        m = LeanMinHash(seed=1, hashvalues=hv, scheme=SCHEME)  # no permutations needed here
+    # All survivors' signatures in one matrix: a row's LSH candidates are confirmed with one
+    # comparison of their rows, not one numpy call per candidate.
+    hvs = np.frombuffer(b"".join(sig for _, sig in survivors), dtype="<u8").reshape(-1, num_perm)
+    for k, (source, _) in enumerate(survivors):
+        m = LeanMinHash(seed=1, hashvalues=hvs[k], scheme=SCHEME)  # no permutations needed here
         # LSH candidates are probable matches only; confirm with the signature's own estimate.
-        if any(np.mean(kept[c] == hv) >= threshold for c in lsh.query(m)):
+        candidates = list(lsh.query(m))
+        if candidates and (hvs[candidates] == hvs[k]).mean(axis=1).max() >= threshold:
             near_dups.add(source)
             continue
-        lsh.insert(source, m)
-        kept[source] = hv
+        lsh.insert(k, m)
     return exact, near_dups

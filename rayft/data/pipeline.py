@@ -110,7 +110,9 @@ def prepare(cfg: JobConfig) -> DataArtifacts:
                     "max_len": d.max_seq_len,
                     "overlength": d.overlength,
                 },
-                concurrency=(1, max(1, cpus)),
+                # every CPU from the start: leg one is done, and a pool that grows from one
+                # actor tokenizes the first blocks alone
+                concurrency=max(1, cpus),
             )
             .materialize()
         )
