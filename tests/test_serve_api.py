@@ -320,6 +320,7 @@ def test_dora_adapter_the_engine_cannot_serve_gets_a_merged_deployment(server, t
     from transformers import AutoTokenizer
 
     cfg, url = server
+    root = url.removesuffix("/v1")
     r = admin("POST", url, "/admin/adapters", {"name": "d4", "path": "dora4"})
     assert r.status_code == 200, r.text
     info = r.json()
@@ -340,6 +341,25 @@ def test_dora_adapter_the_engine_cannot_serve_gets_a_merged_deployment(server, t
         model="dx", messages=HI, max_tokens=8, temperature=0
     )
     assert raw.headers["x-rayft-arm"] == "d4" and raw.parse().choices[0].message.content == want
+    # A restarted ingress finds the merged deployment again (from its registry file).
+    import ray
+
+    def ingresses() -> list[str]:
+        actors = ray.util.list_named_actors(all_namespaces=True)
+        return [a["name"] for a in actors if a["namespace"] == "serve" and "#Ingress#" in a["name"]]
+
+    (victim,) = ingresses()
+    ray.kill(ray.get_actor(victim, namespace="serve"))
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if victim not in ingresses() and requests.get(root + "/health", timeout=10).ok:
+                break
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    assert ingresses() and victim not in ingresses()
+    assert chat_text(url, "d4") == want
     assert admin("DELETE", url, "/admin/adapters/d4").status_code == 400  # an arm of dx
     assert admin("DELETE", url, "/admin/experiments/dx").status_code == 200
     r = admin("DELETE", url, "/admin/adapters/d4")
