@@ -460,8 +460,9 @@ class Ingress:
     @api.get("/health")
     async def health(self) -> Response:
         """200 when every engine deployment answers a probe; 503 naming the ones that do not."""
-        names = sorted(self.engines)
-        probes = await asyncio.gather(*[self._probe(n) for n in names])
+        engines = sorted(self.engines.items())  # a copy: admin calls may change it meanwhile
+        names = [n for n, _ in engines]
+        probes = await asyncio.gather(*[self._probe(h) for _, h in engines])
         states = dict(zip(names, probes, strict=True))
         down = {n: s for n, s in states.items() if s not in ("ok", "busy")}
         if down:
@@ -470,8 +471,8 @@ class Ingress:
             return JSONResponse(body, status_code=503)
         return JSONResponse({"status": "ok", "engines": states})
 
-    async def _probe(self, name: str) -> str:
-        response = self.engines[name].ping.remote()
+    async def _probe(self, handle: DeploymentHandle) -> str:
+        response = handle.ping.remote()
         try:
             return await asyncio.wait_for(_awaited(response), HEALTH_TIMEOUT_S)
         except BackPressureError:  # replicas up, queue full: serving, just not this probe
@@ -493,7 +494,7 @@ class Ingress:
     async def admin_list(self, request: Request) -> dict:
         self._admin(request)
         resident = {}
-        for name, handle in self.engines.items():
+        for name, handle in list(self.engines.items()):  # a load may add one meanwhile
             resident[name] = await handle.loaded_adapters.remote()
         return {
             "adapters": {n: a.path for n, a in self.adapters.items()},
