@@ -153,24 +153,18 @@ def test_packing_rejects_examples_longer_than_the_bin():
 def _tokenize_rows(model: str, overlength: str, max_len: int, answers: list[str]) -> list[dict]:
     import json
 
-    import pyarrow as pa
-
     from rayft.data.stages import Tokenize
 
     rows = [
         {
-            "id": str(i),
-            "source": f"f:{i}",
-            "kind": "sft",
             "messages": json.dumps(
                 [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
             ),
             "text": "",
-            "split": "train",
         }
-        for i, (u, a) in enumerate(answers)
+        for u, a in answers
     ]
-    return Tokenize(model, "sft", True, max_len, overlength)(pa.Table.from_pylist(rows)).to_pylist()
+    return Tokenize(model, True, max_len, overlength).sft(rows)
 
 
 def test_overlength_drop_and_truncate(tiny_model):
@@ -236,7 +230,7 @@ def test_a_template_without_tools_rejects_tool_rows(tok):
 
 
 def test_tool_rows_through_the_pipeline_stages(tiny_model):
-    # validate/clean -> keep/split -> tokenize, as Ray Data maps them: the schemas travel in
+    # validate/clean -> split + tokenize, as Ray Data maps them: the schemas travel in
     # their own column, and a template that cannot render them rejects the row, not the job
     import json
 
@@ -252,7 +246,7 @@ def test_tool_rows_through_the_pipeline_stages(tiny_model):
     )
     cleaned = stages.validate_clean(raw, True, ["email"], 32, 3, False)
     assert cleaned["error_kind"].to_pylist() == [None, "missing_key"]  # a text row in a chat file
-    kept = stages.keep_and_split(cleaned, frozenset(), 0.0, 0.0, 0)
-    (out,) = stages.Tokenize(tiny_model, "sft", True, 256, "drop")(kept).to_pylist()
+    out, text_row = stages.tokenize(cleaned, tiny_model, True, 256, "drop", 0.0, 0.0, 0).to_pylist()
     assert (out["error_kind"], out["error_field"]) == ("template_error", "messages[1].tool_calls")
     assert json.loads(out["raw"])["tools"] == row["tools"] and out["source"] == "t.jsonl:1"
+    assert text_row["error_kind"] == "missing_key" and text_row["input_ids"] is None

@@ -1,11 +1,15 @@
 """`rayft prepare`: validate -> clean -> dedupe -> split -> template -> tokenize -> pack on Ray Data.
 
-The pipeline streams in two legs with one global step between them. Leg one reads every file,
-validates, cleans and signs each row (content hash + MinHash) and is materialised in the object
-store. The driver then makes the global decisions that need all rows at once (rejects and
-fail-fast, exact and near duplicates across files) from the small columns only. Leg two drops
-the duplicates, assigns splits, tokenizes in an actor pool (one tokenizer load per actor),
-writes the splits and packs them.
+One Ray Data pass reads every file, validates, cleans and signs each row (content hash +
+MinHash), assigns its split (a hash of the content) and tokenizes it, in the same tasks; it is
+materialised in the object store. The driver then makes the global decisions that need all
+rows at once (rejects and fail-fast, exact and near duplicates across files) from the small
+columns, and the splits are written and packed without the duplicates: by the driver for
+outputs that small, by Ray Data per block beyond DRIVER_TOKENS.
+
+Tokenizing before dedupe spends the tokenizer on the duplicates too (a few percent of rows);
+the second pass it replaced, with an actor pool of its own, spent seconds starting before it
+tokenized a row.
 """
 
 from __future__ import annotations
@@ -52,8 +56,6 @@ class DataArtifacts:
 
 def prepare(cfg: JobConfig) -> DataArtifacts:
     """Run the whole data stage for `cfg` and record it in run.json."""
-    import ray
-
     from rayft import manifest, models
     from rayft.cluster.connect import local_cpus, ray_session
 
@@ -70,12 +72,13 @@ def prepare(cfg: JobConfig) -> DataArtifacts:
         cfg.cluster.address,
         num_cpus=local_cpus(cfg.cluster.num_workers, cfg.cluster.cpus_per_worker),
     ):
-        cleaned = _read_and_clean(files, d).materialize()
-        facts = _collect_cleaned(cleaned)
+        tokenized = _read_clean_tokenize(files, d, model_path).materialize()
+        facts = _collect_cleaned(tokenized)
         marks = [start]
-        timings = {"read_validate_clean": _lap(marks)}
+        timings = {"read_validate_clean_tokenize": _lap(marks)}
         _announce_formats(facts["formats"], d.format)
-        _record_rejects(facts["rejects"], data_dir, d.on_error)
+        rejects = facts["rejects"]  # the template's refusals too
+        _record_rejects(rejects, data_dir, d.on_error)
         kind = _single_kind(facts["kinds"])
         exact, near = dedupe.find_duplicates(
             facts["signatures"],
@@ -85,49 +88,15 @@ def prepare(cfg: JobConfig) -> DataArtifacts:
             exact_dedupe=d.dedupe.exact,
         )
         timings["dedupe"] = _lap(marks)
-        validation = 0.0 if d.validation_files else d.split.validation
-        test = 0.0 if d.test_files else d.split.test
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        tokenized = (
-            cleaned.map_batches(
-                stages.keep_and_split,
-                batch_format="pyarrow",
-                fn_kwargs={
-                    "drop": frozenset(exact | near),
-                    "validation": validation,
-                    "test": test,
-                    "seed": d.split.seed,
-                },
-            )
-            .map_batches(
-                stages.Tokenize,
-                batch_format="pyarrow",
-                batch_size=d.batch_size * 4,  # one leg-one block a batch
-                fn_constructor_kwargs={
-                    "model_path": model_path,
-                    "kind": kind,
-                    "assistant_only": d.assistant_only_loss,
-                    "max_len": d.max_seq_len,
-                    "overlength": d.overlength,
-                },
-                # every CPU from the start: leg one is done, and a pool that grows from one
-                # actor tokenizes the first blocks alone
-                concurrency=max(1, cpus),
-            )
-            .materialize()
-        )
         schema = stages.SFT_SCHEMA if kind == "sft" else stages.PREFERENCE_SCHEMA
-        stats = _collect_tokenized(tokenized, schema)
-        # Rows the chat template refused are known only now: record them with the others.
-        rejects = sorted(facts["rejects"] + stats["rejects"], key=lambda r: (r["file"], r["line"]))
-        if stats["rejects"]:
-            _record_rejects(rejects, data_dir, d.on_error)
-        timings["split_tokenize"] = _lap(marks)
-        splits = _write_splits(tokenized, data_dir, schema, stats)
+        drop = frozenset(exact | near)
+        stats = _collect_tokenized(tokenized, schema, drop)
+        timings["collect"] = _lap(marks)
+        splits = _write_splits(tokenized, data_dir, schema, stats, drop)
         timings["write"] = _lap(marks)
         packed, packing = {}, {}
         if kind == "sft" and d.pack:
-            packed, packing = _write_packed(tokenized, data_dir, d.max_seq_len, stats)
+            packed, packing = _write_packed(tokenized, data_dir, d.max_seq_len, stats, drop)
         timings["pack"] = _lap(marks)
 
     data_report = {
@@ -182,7 +151,7 @@ def _clear(data_dir: Path) -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
 
 
-def _read_and_clean(files: list[sources.InputFile], d: DataConfig):
+def _read_clean_tokenize(files: list[sources.InputFile], d: DataConfig, model_path: str):
     import ray.data
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
@@ -202,18 +171,37 @@ def _read_and_clean(files: list[sources.InputFile], d: DataConfig):
         )
         parts.append(ds)
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    # A file arrives as one block; re-block it so validation and cleaning run in parallel.
-    return ds.repartition(target_num_rows_per_block=d.batch_size * 4).map_batches(
-        stages.validate_clean,
-        batch_size=d.batch_size,
-        batch_format="pyarrow",
-        fn_kwargs={
-            "normalize": d.normalize,
-            "pii_types": list(d.pii.types) if d.pii.enabled else [],
-            "num_perm": d.dedupe.num_perm,
-            "shingle_size": d.dedupe.shingle_size,
-            "near": d.dedupe.near,
-        },
+    # A file arrives as one block; re-block it so the rows are cleaned and tokenized in
+    # parallel. Both steps run in the same tasks (Ray Data fuses them).
+    return (
+        ds.repartition(target_num_rows_per_block=d.batch_size * 4)
+        .map_batches(
+            stages.validate_clean,
+            batch_size=d.batch_size,
+            batch_format="pyarrow",
+            fn_kwargs={
+                "normalize": d.normalize,
+                "pii_types": list(d.pii.types) if d.pii.enabled else [],
+                "num_perm": d.dedupe.num_perm,
+                "shingle_size": d.dedupe.shingle_size,
+                "near": d.dedupe.near,
+            },
+        )
+        .map_batches(
+            stages.tokenize,
+            batch_size=d.batch_size,
+            batch_format="pyarrow",
+            fn_kwargs={
+                "model_path": model_path,
+                "assistant_only": d.assistant_only_loss,
+                "max_len": d.max_seq_len,
+                "overlength": d.overlength,
+                # explicit held-out files replace the fractions
+                "validation": 0.0 if d.validation_files else d.split.validation,
+                "test": 0.0 if d.test_files else d.split.test,
+                "seed": d.split.seed,
+            },
+        )
     )
 
 
@@ -225,7 +213,10 @@ def _collect_cleaned(ds) -> dict[str, Any]:
         rows_in += batch.num_rows
         for t in stages.PII_TYPES:
             pii[t] += pc.sum(batch[f"pii_{t}"]).as_py() or 0
-        small = batch.drop_columns(["messages", "text", "prompt", "chosen", "rejected"])
+        small = batch.select(
+            ["file", "line", "order", "format", "error_kind", "error_field", "reason", "raw"]
+            + ["kind", "id", "minhash"]
+        )
         for r in small.to_pylist():
             formats[r["file"]] = r["format"]
             if r["error_kind"] is not None:
@@ -273,30 +264,18 @@ def _single_kind(kinds: Counter) -> str:
     return next(iter(kinds))
 
 
-def _collect_tokenized(ds, schema: pa.Schema) -> dict[str, Any]:
-    """Counts, template rejects and the content hash; and the kept rows (`schema` and split)
-    while they stay under DRIVER_TOKENS (`kept` None once they pass it)."""
+def _collect_tokenized(ds, schema: pa.Schema, drop: frozenset[str]) -> dict[str, Any]:
+    """Counts of the valid rows that are not duplicates and the content hash; and those rows
+    (`schema` and split) while they stay under DRIVER_TOKENS (`kept` None once they pass it)."""
     rows, tokens, dropped, truncated = Counter(), Counter(), 0, 0
-    ids, rejects = [], []
+    ids = []
     kept: list[pa.Table] | None = []
-    columns = ["id", "source", "split", "num_tokens", "overlength"]
-    columns += ["error_kind", "error_field", "reason", "raw"]
+    columns = ["id", "source", "split", "num_tokens", "overlength", "error_kind"]
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         if kept is not None:
-            kept.append(stages.split_rows(batch, None, [*schema.names, "split"]))
+            kept.append(stages.split_rows(batch, None, [*schema.names, "split"], drop))
         for r in batch.select(columns).to_pylist():
-            if r["error_kind"] is not None:
-                file, line = r["source"].rsplit(":", 1)
-                rejects.append(
-                    {
-                        "file": file,
-                        "line": int(line),
-                        "field": r["error_field"],
-                        "kind": r["error_kind"],
-                        "reason": r["reason"],
-                        "row": r["raw"],
-                    }
-                )
+            if r["error_kind"] is not None or r["source"] in drop:
                 continue
             if r["overlength"] == "dropped":
                 dropped += 1
@@ -314,13 +293,14 @@ def _collect_tokenized(ds, schema: pa.Schema) -> dict[str, Any]:
         "tokens": tokens,
         "dropped": dropped,
         "truncated": truncated,
-        "rejects": rejects,
         "hash": digest,
         "kept": pa.concat_tables(kept).combine_chunks() if kept else None,
     }
 
 
-def _write_splits(ds, data_dir: Path, schema: pa.Schema, stats: dict[str, Any]) -> dict[str, Path]:
+def _write_splits(
+    ds, data_dir: Path, schema: pa.Schema, stats: dict[str, Any], drop: frozenset[str]
+) -> dict[str, Path]:
     # Into staging, one directory a split as a hive-partitioned write makes them (Ray Data's
     # drops the split column; the driver's writes the kept rows it holds); the directories are
     # then renamed to the contract's names.
@@ -333,7 +313,7 @@ def _write_splits(ds, data_dir: Path, schema: pa.Schema, stats: dict[str, Any]) 
         ds.map_batches(
             stages.split_rows,
             batch_format="pyarrow",
-            fn_kwargs={"name": None, "columns": [*schema.names, "split"]},
+            fn_kwargs={"name": None, "columns": [*schema.names, "split"], "drop": drop},
         ).write_parquet(str(staging.resolve()), partition_cols=["split"])
     out = {}
     for name in report.SPLITS:
@@ -359,7 +339,7 @@ def _by_split(kept: pa.Table, schema: pa.Schema) -> dict[str, pa.Table]:
 
 
 def _write_packed(
-    ds, data_dir: Path, max_len: int, stats: dict[str, Any]
+    ds, data_dir: Path, max_len: int, stats: dict[str, Any], drop: frozenset[str]
 ) -> tuple[dict[str, Path], dict[str, Any]]:
     out, sequences = {}, {}
     for name in ("train", "validation"):
@@ -377,7 +357,7 @@ def _write_packed(
                 ds.map_batches(
                     stages.split_rows,
                     batch_format="pyarrow",
-                    fn_kwargs={"name": name, "columns": ["input_ids", "labels"]},
+                    fn_kwargs={"name": name, "columns": ["input_ids", "labels"], "drop": drop},
                 )
                 # Large batches: the plan leaves at most a partly filled bin or two per batch.
                 .map_batches(

@@ -6,6 +6,7 @@ Each takes and returns a pyarrow Table with a fixed schema, so blocks from diffe
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import Counter
 from typing import Any
@@ -66,18 +67,6 @@ PREFERENCE_SCHEMA = pa.schema(
         ("num_tokens", pa.int32()),
     ]
 )
-# What the tokenize step adds for the driver's accounting; dropped before writing. Rows the
-# chat template refuses carry error_kind, error_field, reason and raw, as rejects do above.
-BOOKKEEPING = [
-    ("split", pa.string()),
-    ("overlength", pa.string()),
-    ("error_kind", pa.string()),
-    ("error_field", pa.string()),
-    ("reason", pa.string()),
-    ("raw", pa.string()),
-]
-
-
 # --------------------------------------------------------------------------- validate + clean
 
 
@@ -198,56 +187,75 @@ def validate_clean(
     return pa.table(cols, schema=CLEAN_SCHEMA)
 
 
-# --------------------------------------------------------------------------- keep + split
+# --------------------------------------------------------------------------- split + tokenize
+
+# Cleaned rows with their place and tokens: `text` becomes the rendered text of SFT rows.
+TOKENIZED_SCHEMA = CLEAN_SCHEMA
+for _name, _type in [
+    ("source", pa.string()),
+    ("split", pa.string()),
+    ("input_ids", INT_LIST),
+    ("labels", INT_LIST),
+    ("num_tokens", pa.int32()),
+    ("overlength", pa.string()),
+]:
+    TOKENIZED_SCHEMA = TOKENIZED_SCHEMA.append(pa.field(_name, _type))
 
 
-def keep_and_split(
-    batch: pa.Table, drop: frozenset[str], validation: float, test: float, seed: int
+def tokenize(
+    batch: pa.Table,
+    model_path: str,
+    assistant_only: bool,
+    max_len: int,
+    overlength: str,
+    validation: float,
+    test: float,
+    seed: int,
 ) -> pa.Table:
-    """Valid, non-duplicate rows with their `source` and `split`."""
-    import pyarrow.compute as pc
+    """Cleaned rows -> the same rows with `source`, and for valid rows their `split` and
+    tokens; a row the chat template refuses becomes a reject like those of validation.
 
-    source = pc.binary_join_element_wise(batch["file"], pc.cast(batch["line"], pa.string()), ":")
-    keep = pc.is_null(batch["error_kind"])
-    if drop:
-        keep = pc.and_(keep, pc.invert(pc.is_in(source, pa.array(list(drop), pa.string()))))
-    batch = batch.append_column("source", source).filter(keep)
-    hints, ids = batch["split_hint"].to_pylist(), batch["id"].to_pylist()
-    splits = [
-        h or split.assign(cid, validation, test, seed) for h, cid in zip(hints, ids, strict=True)
-    ]
-    keep_cols = [
-        *("id", "source", "kind", "messages", "tools", "text"),
-        *("prompt", "chosen", "rejected"),
-    ]
-    return batch.select(keep_cols).append_column("split", pa.array(splits, pa.string()))
+    This runs before dedupe, in the same tasks as validation: tokenizing the duplicates
+    (a few percent of rows) costs less than a second pass over the data with its own actors,
+    which took seconds to start before they tokenized anything. The split is a hash of the
+    content id, known here already.
+    """
+    stage = _stage(model_path, assistant_only, max_len, overlength)
+    rows = batch.to_pylist()
+    valid = []
+    for r in rows:
+        r["source"] = f"{r['file']}:{r['line']}"
+        if r["error_kind"] is None:
+            r["split"] = r["split_hint"] or split.assign(r["id"], validation, test, seed)
+            valid.append(r)
+    sft = [r for r in valid if r["kind"] == "sft"]
+    preference = [r for r in valid if r["kind"] == "preference"]
+    for r, out in zip(sft + preference, stage.sft(sft) + stage.preference(preference), strict=True):
+        r.update(out)
+    return pa.Table.from_pylist(rows, schema=TOKENIZED_SCHEMA)
 
 
-# --------------------------------------------------------------------------- tokenize
+@functools.lru_cache(maxsize=4)
+def _stage(model_path: str, assistant_only: bool, max_len: int, overlength: str) -> Tokenize:
+    # One tokenizer per worker process: loaded by its first batch, kept for the next ones.
+    return Tokenize(model_path, assistant_only, max_len, overlength)
 
 
 class Tokenize:
-    """Ray Data callable class: one tokenizer per actor, loaded once."""
+    """Rendering, tokenization and the over-length policy with one loaded tokenizer."""
 
-    def __init__(
-        self, model_path: str, kind: str, assistant_only: bool, max_len: int, overlength: str
-    ):
+    def __init__(self, model_path: str, assistant_only: bool, max_len: int, overlength: str):
         from transformers import AutoTokenizer
 
         self.tok = AutoTokenizer.from_pretrained(model_path)
-        self.kind, self.assistant_only = kind, assistant_only
+        self.assistant_only = assistant_only
         self.max_len, self.overlength = max_len, overlength
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
-        if not rows:  # every row of the block was a reject or a duplicate
-            schema = SFT_SCHEMA if self.kind == "sft" else PREFERENCE_SCHEMA
-            return _with_bookkeeping(schema).empty_table()
-        return self._preference(rows) if self.kind == "preference" else self._sft(rows)
-
-    def _sft(self, rows: list[dict[str, Any]]) -> pa.Table:
-        cols: dict[str, list[Any]] = {name: [] for name in _with_bookkeeping(SFT_SCHEMA).names}
-        rendered, keep = [], []
+    def sft(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Per row (messages, tools, text): text, input_ids, labels, num_tokens, overlength;
+        or the template's refusal."""
+        out: list[dict[str, Any]] = []
+        rendered, where = [], []
         for r in rows:
             messages = json.loads(r["messages"]) if r["messages"] else None
             tools = json.loads(r["tools"]) if r.get("tools") else None
@@ -255,11 +263,13 @@ class Tokenize:
             try:
                 rendered.append(tokens.render_sft(self.tok, row, self.assistant_only))
             except RowError as e:  # only chat rows meet a template
-                shown = {"messages": messages, **({"tools": tools} if tools else {})}
-                _append(cols, _template_reject(r, e, shown))
+                out.append(_template_reject(e, {"messages": messages, **_given(tools)}))
                 continue
-            keep.append(r)
-        for r, (text, ids, labels) in zip(keep, tokens.encode_sft(self.tok, rendered), strict=True):
+            where.append(len(out))
+            out.append({})
+        for k, (text, ids, labels) in zip(
+            where, tokens.encode_sft(self.tok, rendered), strict=True
+        ):
             status = ""
             if len(ids) > self.max_len:
                 if self.overlength == "truncate":
@@ -271,51 +281,41 @@ class Tokenize:
                     status = "dropped"
             if status == "dropped":
                 ids, labels = [], []
-            _append(
-                cols,
-                {
-                    **{k: r[k] for k in ("id", "source", "kind", "messages", "split")},
-                    "text": text,
-                    "input_ids": ids,
-                    "labels": labels,
-                    "num_tokens": len(ids),
-                    "overlength": status,
-                },
-            )
-        return pa.table(cols, schema=_with_bookkeeping(SFT_SCHEMA))
+            out[k] = {
+                "text": text,
+                "input_ids": ids,
+                "labels": labels,
+                "num_tokens": len(ids),
+                "overlength": status,
+            }
+        return out
 
-    def _preference(self, rows: list[dict[str, Any]]) -> pa.Table:
+    def preference(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Per row (prompt, chosen, rejected): num_tokens, overlength; or the refusal."""
         out = []
         for r in rows:
-            keep = {k: r[k] for k in ("id", "source", "kind", "prompt", "chosen", "rejected")}
-            keep["split"] = r["split"]
             prompt = json.loads(r["prompt"])
             try:
                 n = tokens.preference_tokens(self.tok, prompt, r["chosen"], r["rejected"])
             except RowError as e:
                 row = {"prompt": prompt, "chosen": r["chosen"], "rejected": r["rejected"]}
-                out.append(_template_reject(keep, e, row))
+                out.append(_template_reject(e, row))
                 continue
             status = ""
             if n > self.max_len:
                 # Text columns cannot be cut here; TRL truncates to max_length at train time.
                 status = "truncated" if self.overlength == "truncate" else "dropped"
-            out.append({**keep, "num_tokens": n, "overlength": status})
-        return pa.Table.from_pylist(out, schema=_with_bookkeeping(PREFERENCE_SCHEMA))
+            out.append({"num_tokens": n, "overlength": status})
+        return out
 
 
-def _append(cols: dict[str, list[Any]], row: dict[str, Any]) -> None:
-    for name, values in cols.items():
-        values.append(row.get(name))
+def _given(tools: list | None) -> dict[str, Any]:
+    return {"tools": tools} if tools else {}
 
 
-def _template_reject(keep: dict[str, Any], e: RowError, row: dict[str, Any]) -> dict[str, Any]:
-    # Rejected after dedupe and split: the driver adds it to the rejects, and split_rows
-    # leaves it out. `raw` is the cleaned row, since the input line is not carried this far.
+def _template_reject(e: RowError, row: dict[str, Any]) -> dict[str, Any]:
+    # `raw` is the cleaned row as the template saw it: that is what it refused.
     return {
-        **keep,
-        "num_tokens": 0,
-        "overlength": "",
         "error_kind": e.kind,
         "error_field": e.field,
         "reason": e.reason,
@@ -323,21 +323,19 @@ def _template_reject(keep: dict[str, Any], e: RowError, row: dict[str, Any]) -> 
     }
 
 
-def _with_bookkeeping(schema: pa.Schema) -> pa.Schema:
-    for name, typ in BOOKKEEPING:
-        schema = schema.append(pa.field(name, typ))
-    return schema
-
-
 # --------------------------------------------------------------------------- write + pack
 
 
-def split_rows(batch: pa.Table, name: str | None, columns: list[str]) -> pa.Table:
-    """Rows of split `name` (None: all splits) that were neither dropped nor rejected, in
-    `columns`."""
+def split_rows(
+    batch: pa.Table, name: str | None, columns: list[str], drop: frozenset[str] = frozenset()
+) -> pa.Table:
+    """Rows of split `name` (None: all splits) that were neither rejected, nor duplicates
+    (sources in `drop`), nor dropped as over length, in `columns`."""
     import pyarrow.compute as pc
 
     mask = pc.and_(pc.not_equal(batch["overlength"], "dropped"), pc.is_null(batch["error_kind"]))
+    if drop:
+        mask = pc.and_(mask, pc.invert(pc.is_in(batch["source"], pa.array(list(drop)))))
     if name is not None:
         mask = pc.and_(mask, pc.equal(batch["split"], name))
     return batch.filter(mask).select(columns)
