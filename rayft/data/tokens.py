@@ -232,13 +232,14 @@ def encode_sft(
     if not rendered:
         return []
     texts = [text for text, _ in rendered]
-    enc = tok(texts, add_special_tokens=False, return_offsets_mapping=True)
+    # The fast tokenizer's own batch encode: what tok(texts) runs, without its conversion of
+    # every encoding into a BatchEncoding (a third of the encode time here).
+    encodings = tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
     out = []
-    for (text, sp), ids, offsets in zip(
-        rendered, enc["input_ids"], enc["offset_mapping"], strict=True
-    ):
-        labels = list(ids) if sp is None else mask_labels(ids, offsets, sp)
-        out.append((text, list(ids), labels))
+    for (text, sp), enc in zip(rendered, encodings, strict=True):
+        ids = enc.ids
+        labels = list(ids) if sp is None else mask_labels(ids, enc.offsets, sp)
+        out.append((text, ids, labels))
     return out
 
 
