@@ -361,7 +361,7 @@ def _write_packed(
                 )
                 # Large batches: the plan leaves at most a partly filled bin or two per batch.
                 .map_batches(
-                    stages.pack_batch,
+                    pack.pack,
                     batch_size=16384,
                     batch_format="pyarrow",
                     fn_kwargs={"max_len": max_len},

@@ -13,7 +13,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from rayft.data import clean, dedupe, formats, pack, split, tokens
+from rayft.data import clean, dedupe, formats, split, tokens
 from rayft.data.formats import RowError
 from rayft.data.sources import UNREADABLE
 
@@ -339,7 +339,3 @@ def split_rows(
     if name is not None:
         mask = pc.and_(mask, pc.equal(batch["split"], name))
     return batch.filter(mask).select(columns)
-
-
-def pack_batch(batch: pa.Table, max_len: int) -> pa.Table:
-    return pack.pack(batch, max_len)
