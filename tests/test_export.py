@@ -129,6 +129,9 @@ def test_merge_lora_via_cli_writes_verified_sharded_model_with_card(tmp_path, ti
     card = (merged_dir / "README.md").read_text()
     for expected in (tiny_model, "d47a0123", "win_rate", "method | lora", "learning_rate"):
         assert expected in card
+    front = yaml.safe_load(card.split("---")[1])
+    assert "base_model" not in front  # a local base is no hub id: the Hub would link nowhere
+    assert front["tags"] == ["rayft", "lora", "merged"]
     stage = read_manifest(cfg.run_path)["stages"]["merge"]
     assert stage["verification"]["passed"] and stage["verification"]["top1_agreement"] == 1.0
     assert stage["shards"] == [p.name for p in shards]
@@ -325,8 +328,9 @@ def test_gguf_round_trip_through_transformers_loader(merged_run):
     assert meta["rayft.version"] == rayft.__version__
     assert meta["rayft.training_method"] == "lora" and meta["rayft.data_hash"] == "d47a0123"
     assert meta["rayft.adapter_hash"] == manifest["stages"]["merge"]["adapter_hash"]
-    assert meta["rayft.base_model"] == cfg.model.base
-    assert not any("/" in str(v) for k, v in meta.items() if k != "rayft.base_model")  # no paths
+    assert cfg.model.base.startswith("/")  # the base is a local directory: no path goes out
+    assert meta["rayft.base_model"] == "tiny-llama"
+    assert not any("/" in str(v) for v in meta.values())
 
 
 def test_gguf_without_qk_permutation_fails_verification(merged_run, tmp_path, monkeypatch):
@@ -408,6 +412,30 @@ def test_gguf_q4_0_without_qk_permutation_fails_only_the_exact_check(
         export(cfg)
     assert "q4_0 GGUF vs source:" not in str(failed.value)  # loss alone would have passed it
     assert list((cfg.run_path / "export").iterdir()) == []
+
+
+def test_card_front_matter_names_hub_bases_only(tmp_path):
+    from rayft.export.card import Lineage, write_card
+
+    def front(base: str) -> dict:
+        origin = Lineage("t", base, "abc123", "qlora", "h1", "d1", "c1", None)
+        out = tmp_path / base.replace("/", "_")
+        out.mkdir()
+        card = write_card(
+            out,
+            lineage=origin,
+            adapter=Path("adapter"),
+            training={},
+            manifest={},
+            verification={},
+            eval_report=tmp_path / "none.json",
+        ).read_text()
+        assert f"`{base}` @ `abc123`" in card  # the lineage table names any base
+        return yaml.safe_load(card.split("---")[1])
+
+    assert front("meta-llama/Meta-Llama-3-8B")["base_model"] == "meta-llama/Meta-Llama-3-8B"
+    assert "base_model" not in front(str(tmp_path / "my-base"))
+    assert "base_model" not in front("tiny-llama")  # a registry name is not a hub id either
 
 
 def _lineage():

@@ -119,11 +119,10 @@ def write_card(
     name, base, revision, method = lineage.name, lineage.base, lineage.revision, lineage.method
     train_stage = manifest.get("stages", {}).get("train", {})
     train_info = {k: v for k, v in train_stage.items() if k not in ("packages",)}
-    front = {
-        "base_model": base,
-        "library_name": "transformers",
-        "tags": ["rayft", method, "merged"],
-    }
+    # The Hub reads `base_model` as a hub id: a registry name or a local directory would link
+    # nowhere (and leak the path), so only hub ids go in; the table below names any base.
+    front = {"base_model": base} if lineage.base_repo_url else {}
+    front |= {"library_name": "transformers", "tags": ["rayft", method, "merged"]}
     if lineage.license:
         front["license"] = lineage.license.lower()
     lines = [

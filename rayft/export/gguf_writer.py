@@ -266,7 +266,7 @@ def _add_lineage(writer: gguf.GGUFWriter, lineage: Lineage) -> None:
     for key, value in (
         ("rayft.version", __version__),
         ("rayft.training_method", lineage.method),
-        ("rayft.base_model", lineage.base),
+        ("rayft.base_model", lineage.base_name),
         ("rayft.base_model_revision", lineage.revision),
         ("rayft.adapter_hash", lineage.adapter_hash),
         ("rayft.data_hash", lineage.data_hash),
