@@ -396,3 +396,57 @@ def test_admin_experiments_create_list_delete(server):
     r = post(url, "/v1/completions", {"model": "e2", "prompt": "q", "max_tokens": 1})
     assert r.status_code == 404
     assert admin("DELETE", url, "/admin/experiments/e2").status_code == 404
+
+
+def test_failed_merged_deploy_is_removed_and_answered_with_an_error(server, tiny_model):
+    """A merged deployment whose replicas cannot start (here: a corrupt cached merge) is
+    deleted again, with its weights, and the admin call gets an OpenAI-style error."""
+    from ray import serve
+
+    from rayft.serving.merged import merge_dir
+
+    cfg, url = server
+    adapter = make_adapter(tiny_model, cfg.run_path / "dora5", seed=5, dora=True)
+    work = merge_dir(cfg, "d5", adapter.resolve())
+    (work / "merged").mkdir(parents=True)
+    (work / "merged" / "config.json").write_text("{ not a model config")
+    r = admin("POST", url, "/admin/adapters", {"name": "d5", "path": "dora5"})
+    assert r.status_code == 500, r.text
+    err = r.json()["error"]
+    assert (err["type"], err["code"], err["param"]) == (
+        "server_error",
+        "merged_deploy_failed",
+        "path",
+    )
+    assert "'d5'" in err["message"] and "rayft-merged-d5" in err["message"]
+    assert "rayft-merged-d5" not in serve.status().applications
+    assert not work.exists()  # a retry merges again instead of reusing what does not start
+    assert "d5" not in {m.id for m in client(url).models.list()}
+    assert "d5" not in admin("GET", url, "/admin/adapters").json()["merged"]
+
+
+def test_admin_load_and_unload_of_one_name_do_not_interleave(server, tiny_model):
+    """A DELETE that arrives while a load of the same name is under way waits for the load,
+    then unloads it: it neither answers 404 nor leaves the model loaded."""
+    from ray import serve
+
+    cfg, url = server
+    make_adapter(tiny_model, cfg.run_path / "dora6", seed=6, dora=True)
+    merged = cfg.run_path.resolve() / "serve" / "merged"
+    loads: list[requests.Response] = []
+    load = threading.Thread(
+        target=lambda: loads.append(
+            admin("POST", url, "/admin/adapters", {"name": "d6", "path": "dora6"})
+        )
+    )
+    load.start()
+    deadline = time.time() + 120
+    while not list(merged.glob("d6-*")) and load.is_alive() and time.time() < deadline:
+        time.sleep(0.05)  # the load is under way once its merge has begun
+    unload = admin("DELETE", url, "/admin/adapters/d6")
+    load.join()
+    assert loads[0].status_code == 200, loads[0].text
+    assert unload.status_code == 200, unload.text
+    assert "d6" not in {m.id for m in client(url).models.list()}
+    assert "rayft-merged-d6" not in serve.status().applications
+    assert not list(merged.glob("d6-*"))

@@ -149,8 +149,8 @@ def test_killed_replica_loses_at_most_the_requests_in_flight(server):
 
 
 def test_health_is_503_while_an_engine_is_down(server):
-    """/health probes the engines: a killed replica makes it 503 with the engine named, until
-    Serve's replacement answers."""
+    """/health reads Serve's view of the engines: a killed replica (the only one) makes it 503
+    with the engine named, until Serve's replacement runs."""
     import ray
     from ray import serve
 

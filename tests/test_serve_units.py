@@ -408,3 +408,91 @@ def test_config_dora_adapter_is_served_merged_when_the_engine_cannot(tiny_model,
     strict = TransformersEngine(tiny_model, dora="merge")
     (out,) = strict.generate([GenRequest(ids, 4, 0.0, adapter=fingerprint("d1", dora))])
     assert isinstance(out, AdapterRefused) and "serve.dora: merge" in str(out)
+
+
+def test_merged_cache_is_keyed_on_base_and_dtype(tiny_model, tmp_path):
+    """A merge is reused only for the same adapter, base and dtype: another base (or the same
+    directory with new weights) or another dtype is merged again, never served stale."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from rayft.config import JobConfig
+    from rayft.serving.merged import merge_adapter
+
+    def weights(model_dir: str) -> dict[str, torch.Tensor]:
+        (file,) = Path(model_dir).glob("*.safetensors")
+        with safe_open(str(file), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+
+    def other_base(seed: int) -> None:  # tiny-llama with perturbed weights, in one directory
+        model = AutoModelForCausalLM.from_pretrained(tiny_model)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        model.save_pretrained(tmp_path / "base2")
+
+    dora = make_adapter(tiny_model, tmp_path / "dora", seed=5, dora=True)
+    job = JobConfig(run_dir=str(tmp_path / "run"), model={"base": tiny_model})
+    first = merge_adapter(job, "d1", dora)
+    assert merge_adapter(job, "d1", dora) == first  # the same inputs: reused
+    bf16 = job.export.model_copy(update={"dtype": "bfloat16"})
+    half = merge_adapter(job.model_copy(update={"export": bf16}), "d1", dora)
+    assert half != first
+    assert {t.dtype for t in weights(half).values()} == {torch.bfloat16}
+    shutil.copytree(tiny_model, tmp_path / "base2")
+    other_base(seed=1)
+    job2 = job.model_copy(
+        update={"model": job.model.model_copy(update={"base": str(tmp_path / "base2")})}
+    )
+    second = merge_adapter(job2, "d1", dora)
+    assert second != first
+    w1, w2 = weights(first), weights(second)
+    assert any(not torch.equal(w1[k], w2[k]) for k in w1)  # merged from the other base's weights
+    other_base(seed=2)  # the same directory, new weights: merged again
+    third = merge_adapter(job2, "d1", dora)
+    assert third != second
+    assert any(not torch.equal(w2[k], v) for k, v in weights(third).items())
+
+
+def test_a_failing_group_fails_only_its_own_requests(tiny_model):
+    """Requests with other sampling settings form their own group in a batch: when that
+    group's generate fails, the others still get their answers, streams included."""
+    from rayft.serving.errors import EngineFailed
+    from rayft.serving.hf_engine import TransformersEngine
+    from rayft.serving.protocol import GenRequest, GenResult
+
+    engine = TransformersEngine(tiny_model)
+    ids = engine.tokenizer("hello world")["input_ids"]
+    good = GenRequest(ids, 6, 0.0)
+    bad = GenRequest(ids, 6, -1.0)  # a temperature generate refuses: its group raises
+    want = engine.generate([good])[0].text
+    out = engine.generate([good, bad])
+    assert isinstance(out[0], GenResult) and out[0].text == want
+    assert isinstance(out[1], EngineFailed) and "temperature" in str(out[1])
+    assert out[1].status == 500 and "base" in out[1].message
+    steps = list(engine.stream_batch([replace(good, stream=True), replace(bad, stream=True)]))
+    good_entries, bad_entries = [s[0] for s in steps], [s[1] for s in steps]
+    assert "".join(e for e in good_entries if isinstance(e, str)) == want
+    assert any(isinstance(e, GenResult) and e.text == want for e in good_entries)
+    assert any(isinstance(e, EngineFailed) for e in bad_entries)
+
+
+def test_a_finished_row_is_answered_before_its_batch_ends(tiny_model):
+    """A row done at its own max_tokens (or EOS) gets its result while a longer row of the
+    same generate call still runs: a short stream does not wait for its longest neighbour."""
+    from rayft.serving.hf_engine import TransformersEngine
+    from rayft.serving.protocol import GenRequest, GenResult
+
+    engine = TransformersEngine(tiny_model)
+    ids = engine.tokenizer("hello world")["input_ids"]
+    short, long = GenRequest(ids, 2, 0.0), GenRequest(ids, 12, 0.0)
+    events: list[tuple] = []
+    results = engine.generate([short, long], on_step=lambda rows, x: events.append((rows, x)))
+    assert results[1].completion_tokens == 12  # no EOS: the long row runs all 12 steps
+    answered = [k for k, (rows, _) in enumerate(events) if rows == 0]
+    assert len(answered) == 1 and events[answered[0]][1] == results[0]
+    assert isinstance(results[0], GenResult) and results[0].completion_tokens == 2
+    later_steps = [rows for rows, _ in events[answered[0] + 1 :] if isinstance(rows, list)]
+    assert len(later_steps) == 10  # the long row's steps 3..12 came after the short answer
+    assert results == engine.generate([short, long])  # the same answers as without streaming

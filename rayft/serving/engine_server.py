@@ -1,8 +1,9 @@
 """The engine deployment: one replica = one engine (a model, its tokenizer, its resident adapters).
 
 Requests go through `serve.batch`, so requests that arrive together, whatever adapter they
-name and whether they stream or not, become one `generate` call. Engine calls run in a thread so the replica's
-event loop keeps answering health checks and filling the next batch meanwhile.
+name and whether they stream or not, become one `generate` call. Engine calls run in a thread
+so the replica's event loop keeps answering Serve's health checks and filling the next batch
+meanwhile.
 """
 
 from __future__ import annotations
@@ -99,11 +100,6 @@ class EngineServer:
 
     def loaded_adapters(self) -> list[str]:
         return self.engine.loaded_adapters()
-
-    async def ping(self) -> str:
-        """The ingress's /health probe: answered on the event loop, so a replica that is busy
-        generating still answers, and one whose loop is stuck does not."""
-        return "ok"
 
     def actor_name(self) -> str:
         """This replica's Ray actor name (tests kill replicas by it)."""

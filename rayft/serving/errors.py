@@ -53,3 +53,11 @@ class AdapterRefused(ServeError):
     """An adapter that is unsafe or incompatible with the base model: nothing was loaded."""
 
     status = 400
+
+
+class EngineFailed(ServeError):
+    """The engine failed while answering or starting (a bug or a resource limit): the server's
+    fault, not the request's; only the requests it names are affected."""
+
+    status = 500
+    type = "server_error"

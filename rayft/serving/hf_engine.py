@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rayft.serving import lora_batch
 from rayft.serving.adapters import check_compatible
-from rayft.serving.errors import AdapterRefused, ServeError
+from rayft.serving.errors import AdapterRefused, EngineFailed, ServeError
 from rayft.serving.protocol import AdapterRef, GenRequest, GenResult
 
 BASE = "__base__"  # PEFT's name for "no adapter" inside a mixed batch
@@ -158,9 +158,16 @@ class TransformersEngine:
                 sampling = (0.0, 1.0) if r.temperature == 0 else (r.temperature, r.top_p)
                 groups.setdefault((merged, sampling, r.seed), []).append(i)
             for (merged, _, _), idx in groups.items():
-                streamer = _StepStreamer(idx, on_step) if on_step else None
                 group = [requests[i] for i in idx]
-                for i, res in zip(idx, self._run(group, merged, streamer), strict=True):
+                streamer = _StepStreamer(idx, group, on_step, self) if on_step else None
+                try:
+                    answers = self._run(group, merged, streamer)
+                except Exception as e:  # fails this group's requests, not the whole batch
+                    answers = [_group_error(group, e)] * len(group)
+                for j, (i, res) in enumerate(zip(idx, answers, strict=True)):
+                    if streamer and streamer.answered[j] is not None:
+                        results[i] = streamer.answered[j]  # the same result, given already
+                        continue
                     results[i] = res
                     if on_step:
                         on_step(i, res)
@@ -278,7 +285,8 @@ class TransformersEngine:
                     shown[i] = max(shown[i], len(text))
                 else:
                     out.append("")
-            yield out
+            if any(x is not None for x in out):  # all None: every row was answered already
+                yield out
         if not all(sent):  # the summaries of rows whose last text came with the end
             yield [None if sent[i] else final[i] for i in range(len(requests))]
 
@@ -298,19 +306,45 @@ class TransformersEngine:
 
 class _StepStreamer:
     """What `generate(streamer=)` calls: the prompt once (skipped), then each step's new token
-    per row. Not TextStreamer: that one takes batch size 1 only."""
+    per row. Not TextStreamer: that one takes batch size 1 only.
 
-    def __init__(self, rows: list[int], on_step):
-        self.rows, self.on_step, self.prompt = rows, on_step, True
+    A row that reaches EOS or its own max_tokens is answered at once (`on_step(i, result)`),
+    not when the longest row of its group is done: its result cannot change any more (rows
+    past EOS only get padding), and a short stream should not wait for a long neighbour."""
+
+    def __init__(self, rows: list[int], reqs: list[GenRequest], on_step, engine):
+        self.rows, self.reqs, self.on_step, self.engine = rows, reqs, on_step, engine
+        self.prompt = True
+        self.tokens: list[list[int]] = [[] for _ in rows]
+        self.answered: list[GenResult | None] = [None] * len(rows)
 
     def put(self, value: torch.Tensor) -> None:
         if self.prompt:
             self.prompt = False
             return
         self.on_step(self.rows, value)
+        for j, t in enumerate(value.reshape(-1).tolist()):
+            if self.answered[j] is not None:
+                continue
+            self.tokens[j].append(t)
+            if t == self.engine.eos_id or len(self.tokens[j]) >= self.reqs[j].max_tokens:
+                self.answered[j] = self.engine._result(self.reqs[j], self.tokens[j])
+                self.on_step(self.rows[j], self.answered[j])
 
     def end(self) -> None:
         pass
+
+
+def _group_error(group: list[GenRequest], e: Exception) -> ServeError:
+    if isinstance(e, ServeError):
+        return e
+    names = sorted({r.adapter.name if r.adapter else "base" for r in group})
+    return EngineFailed(
+        f"generation failed for the {len(group)} request(s) of one batch group (model/adapter "
+        f"{', '.join(names)}; temperature {group[0].temperature}, top_p {group[0].top_p}): "
+        f"{type(e).__name__}: {e}"[:800]
+        + ". Other requests of the batch were answered; retry, and report it if it persists",
+    )
 
 
 def _load_error(ref: AdapterRef, e: Exception) -> ServeError:

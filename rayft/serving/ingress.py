@@ -31,6 +31,7 @@ from rayft.serving.app import MERGED_APP, engine_deployment
 from rayft.serving.errors import (
     AdapterRefused,
     BadRequest,
+    EngineFailed,
     NotFound,
     Overloaded,
     ServeError,
@@ -41,7 +42,7 @@ from rayft.serving.metrics import Metrics
 from rayft.serving.protocol import AdapterRef, GenRequest, GenResult
 from rayft.serving.routing import Target, resolve
 
-HEALTH_TIMEOUT_S = 5.0  # an engine that does not answer /health's probe within this is down
+HEALTH_TIMEOUT_S = 5.0  # /health answers 503 when Serve's controller is slower than this
 # Merges of admin-loaded adapters run in a task, not in the ingress process (which would keep
 # the peak memory of two models). No CPU reserved: a full cluster must not leave it pending.
 _merge_task = ray.remote(num_cpus=0, max_retries=0)(merge_adapter)
@@ -98,8 +99,23 @@ async def _prepend(first, rest):
             yield piece
 
 
-async def _awaited(response):
-    return await response
+# Deployment states in which a deployment with no running replica still serves: requests wait
+# for the replica being added (scale from zero), as they do behind a busy one.
+_SCALING = ("HEALTHY", "UPSCALING")
+
+
+def _engine_state(status, app: str, deployment: str) -> str:
+    """ "ok", or why Serve cannot route a request to the deployment now."""
+    application = status.applications.get(app)
+    d = application.deployments.get(deployment) if application else None
+    if d is None:
+        return f"deployment {deployment} of application {app} does not exist in Serve"
+    running = d.replica_states.get("RUNNING", 0)
+    if running > 0 or str(d.status.value) in _SCALING:
+        return "ok"
+    replicas = ", ".join(f"{n} {s}" for s, n in sorted(d.replica_states.items())) or "none"
+    why = f"; {d.message}" if d.message else ""
+    return f"{d.status.value}, no replica running (replicas: {replicas}){why}"[:300]
 
 
 @serve.deployment
@@ -123,6 +139,10 @@ class Ingress:
         self.arm_of: dict[str, dict] = {}  # response id -> log record, for feedback
         self.metrics = Metrics()
         self._background: set[asyncio.Task] = set()
+        # Admin loads and unloads await merges and deployments: without this, a DELETE could
+        # land between a load's checks and its registry update, or two loads of one name
+        # could each deploy and then delete the other's weights.
+        self._admin_lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ plumbing
 
@@ -459,29 +479,32 @@ class Ingress:
 
     @api.get("/health")
     async def health(self) -> Response:
-        """200 when every engine deployment answers a probe; 503 naming the ones that do not."""
-        engines = sorted(self.engines.items())  # a copy: admin calls may change it meanwhile
-        names = [n for n, _ in engines]
-        probes = await asyncio.gather(*[self._probe(h) for _, h in engines])
-        states = dict(zip(names, probes, strict=True))
-        down = {n: s for n, s in states.items() if s not in ("ok", "busy")}
+        """200 when every engine deployment has a replica that Serve counts as running; 503
+        naming the ones that have none.
+
+        Serve's own view (`serve.status()`, kept by the controller's health checks), not a
+        probe through the request queue: a probe waits behind real requests, so a saturated
+        engine read as down. The price: a replica that dies is seen when Serve sees it, within
+        its health check period (5 s)."""
+        engines = sorted(self.engines)  # a copy: admin calls may change them meanwhile
+        here = serve.get_replica_context().app_name
+        where = {
+            n: (self.merged[n]["app"] if self.merged.get(n, {}).get("app") else here)
+            for n in engines
+        }
+        try:
+            status = await asyncio.wait_for(asyncio.to_thread(serve.status), HEALTH_TIMEOUT_S)
+        except Exception as e:  # the controller is down or stuck: nothing can be vouched for
+            reason = f"Serve's controller did not report status: {type(e).__name__}: {e}"[:300]
+            states = dict.fromkeys(engines, reason)
+        else:
+            states = {n: _engine_state(status, where[n], f"engine-{n}") for n in engines}
+        down = {n: s for n, s in states.items() if s != "ok"}
         if down:
             reason = "; ".join(f"engine {n}: {s}" for n, s in down.items())
             body = {"status": "unavailable", "engines": states, "reason": reason}
             return JSONResponse(body, status_code=503)
         return JSONResponse({"status": "ok", "engines": states})
-
-    async def _probe(self, handle: DeploymentHandle) -> str:
-        response = handle.ping.remote()
-        try:
-            return await asyncio.wait_for(_awaited(response), HEALTH_TIMEOUT_S)
-        except BackPressureError:  # replicas up, queue full: serving, just not this probe
-            return "busy"
-        except TimeoutError:
-            response.cancel()
-            return f"no answer within {HEALTH_TIMEOUT_S:.0f} s"
-        except Exception as e:  # a dead or failing replica, no replica at all, ...
-            return f"{type(e).__name__}: {e}"[:300]
 
     @api.get("/metrics")
     async def metrics_endpoint(self) -> Response:
@@ -507,6 +530,10 @@ class Ingress:
     async def admin_load(self, request: Request) -> dict:
         self._admin(request)
         spec = oa.parse(oa.AdapterLoad, await self._body(request))
+        async with self._admin_lock:
+            return await self._load(spec)
+
+    async def _load(self, spec: oa.AdapterLoad) -> dict:
         if (
             spec.name in ("base", self.s.base_alias)
             or (spec.name in self.engines and spec.name not in self.merged)
@@ -557,7 +584,28 @@ class Ingress:
                 "list the result in serve.models",
                 "path",
             ) from None
-        await asyncio.to_thread(self._add_model, name, model)
+        except Exception as e:  # e.g. RuntimeError: its replicas failed to start
+            replaced = await self._undo_merged_deploy(name, app, model)
+            raise EngineFailed(
+                f"adapter {name!r} ({path}) needs a merged deployment (the engine does not serve "
+                f"{kind(path)} adapters), and it failed to start: {type(e).__name__}: "
+                f"{str(e)[:600]}. Its application {app} and merged weights were removed and "
+                f"nothing was loaded{replaced}; see the replica logs (`ray logs`, the Serve "
+                "dashboard) for the cause, then load it again",
+                "path",
+                "merged_deploy_failed",
+            ) from None
+        try:
+            await asyncio.to_thread(self._add_model, name, model)
+        except Exception as e:  # its tokenizer or config does not load here
+            replaced = await self._undo_merged_deploy(name, app, model)
+            raise EngineFailed(
+                f"adapter {name!r} ({path}): the merged model in {model} does not load in the "
+                f"ingress ({type(e).__name__}: {str(e)[:600]}); its application {app} was "
+                f"removed and nothing was loaded{replaced}",
+                "path",
+                "merged_deploy_failed",
+            ) from None
         old = self.merged.get(name)
         self.engines[name] = handle
         self.merged[name] = {"adapter": str(path), "model": model, "app": app}
@@ -566,6 +614,22 @@ class Ingress:
         if old and old["app"] and old["model"] != model:  # the same name with other weights
             shutil.rmtree(Path(old["model"]).parent, ignore_errors=True)
         return {"served_as": "merged", "model_dir": model}
+
+    async def _undo_merged_deploy(self, name: str, app: str, model: str) -> str:
+        """Remove what a failed merged deploy left: its application, and its merged weights
+        (a cached merge that does not start would otherwise be reused by every retry).
+        Returns a note for the error message when an earlier model of that name went too."""
+        await asyncio.to_thread(serve.delete, app)
+        note = ""
+        old = self.merged.get(name)
+        if old and old["app"] == app:  # the failed deploy replaced it in place: gone as well
+            self.merged.pop(name)
+            self._drop_model(name)
+            self._save_registry()
+            note = f" (the merged model served as {name!r} until now was replaced: unloaded too)"
+        if not any(m["model"] == model for m in self.merged.values()):
+            shutil.rmtree(Path(model).parent, ignore_errors=True)
+        return note
 
     async def _delete_merged(self, name: str) -> None:
         m = self.merged.pop(name)
@@ -578,6 +642,10 @@ class Ingress:
     @api.delete("/admin/adapters/{name}")
     async def admin_unload(self, name: str, request: Request) -> dict:
         self._admin(request)
+        async with self._admin_lock:
+            return await self._unload(name)
+
+    async def _unload(self, name: str) -> dict:
         if name not in self.adapters and name not in self.merged:
             raise NotFound(f"No adapter named {name!r}", "name")
         users = [
@@ -604,6 +672,10 @@ class Ingress:
     async def admin_experiment(self, request: Request) -> dict:
         self._admin(request)
         spec = oa.parse(oa.ExperimentSpec, await self._body(request))
+        async with self._admin_lock:  # a load in progress may be about to take the name
+            return self._create_experiment(spec)
+
+    def _create_experiment(self, spec: oa.ExperimentSpec) -> dict:
         if spec.name in ("base", self.s.base_alias) or spec.name in (
             set(self.engines) | set(self.adapters)
         ):

@@ -5,12 +5,13 @@ name, so `model: <adapter>` and experiment arms naming it work as for any adapte
 The merge is `rayft merge` itself (rayft.export.merge): the adapter's two vetted files are
 copied into a scratch run directory `<run_dir>/serve/merged/<name>-<key>/adapter/`, and merge
 writes `<that>/merged/` only once its logits match base + adapter. `key` changes with the
-adapter's weights, so a merge that exists already is reused, and a changed adapter is merged
-again.
+adapter's weights, the base model (its directory or hub id, revision and weight files) and the
+merge dtype, so a merge that exists already is reused, and anything else is merged again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from pathlib import Path
 
@@ -25,21 +26,45 @@ def kind(adapter: Path) -> str:
     return "dora" if read_config(adapter).get("use_dora") else "lora"
 
 
+def _dtype(job: JobConfig) -> str:
+    if job.export.dtype == "auto":  # the dtype the engine computes in, not the training side's
+        return "bfloat16" if job.serve.gpus_per_replica else "float32"
+    return job.export.dtype
+
+
+def _base_identity(job: JobConfig) -> str:
+    """What the merge was made from: the base's directory (or hub id) and revision, and for a
+    local directory the size and time of its files, so a base replaced in place counts too."""
+    from rayft import models
+
+    base = models.resolve(job.model.base, job.model.revision, pull_missing=False)
+    parts = [base, str(job.model.revision)]
+    if Path(base).is_dir():
+        for f in sorted(Path(base).iterdir()):
+            if f.is_file():
+                st = f.stat()
+                parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
+    return "|".join(parts)
+
+
+def merge_dir(job: JobConfig, name: str, adapter: Path) -> Path:
+    """The scratch run directory of this adapter's merge into this base, in this dtype."""
+    blob = f"{fingerprint(name, adapter).key}|{_base_identity(job)}|{_dtype(job)}"
+    key = hashlib.sha256(blob.encode()).hexdigest()[:12]
+    return job.run_path.resolve() / "serve" / "merged" / f"{name}-{key}"
+
+
 def merge_adapter(job: JobConfig, name: str, adapter: str | Path) -> str:
     """Merge a vetted adapter directory into `job`'s base; the verified model directory."""
     adapter = Path(adapter)
-    work = job.run_path.resolve() / "serve" / "merged" / f"{name}-{fingerprint(name, adapter).key}"
+    work = merge_dir(job, name, adapter)
     final = work / "merged"
     if (final / "config.json").exists():  # merge renames into place only after verifying
         return str(final)
     (work / "adapter").mkdir(parents=True, exist_ok=True)
     for file in (CONFIG, WEIGHTS):  # only the vetted files: no pickles, no tokenizer code
         shutil.copyfile(adapter / file, work / "adapter" / file)
-    export = job.export
-    if export.dtype == "auto":  # the dtype the engine computes in, not the training side's
-        export = export.model_copy(
-            update={"dtype": "bfloat16" if job.serve.gpus_per_replica else "float32"}
-        )
+    export = job.export.model_copy(update={"dtype": _dtype(job)})
     cfg = job.model_copy(
         update={
             "name": name,
