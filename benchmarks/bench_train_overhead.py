@@ -12,9 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -118,48 +116,54 @@ def ray_loop(run_dir: Path, steps: int) -> tuple[float, float]:
     return step_times([r["time"] for r in rows if "loss" in r])
 
 
-def plain_ddp_loop(run_dir: Path, steps: int) -> tuple[float, float]:
-    """The plain loop in a fresh process with a gloo process group of one, so that HF wraps the
-    model in DistributedDataParallel as it does inside a Ray Train worker: splits the overhead
-    into what DDP costs and what Ray itself costs."""
-    env = dict(
-        os.environ,
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(_free_port()),
-        RANK="0",
-        WORLD_SIZE="1",
-        LOCAL_RANK="0",
-        LOCAL_WORLD_SIZE="1",
+def plain_in_train_worker(run_dir: Path, steps: int) -> tuple[float, float]:
+    """The plain loop as the function of a bare 1-worker TorchTrainer (no Ray Data, no rayft
+    callbacks): what Ray Train's worker costs by itself, so the rest of the gap is rayft's own
+    path (data streamed from Ray Data, metrics reported)."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    here = Path(__file__).resolve().parent
+    path = f"{here}{os.pathsep}{here.parent / 'tests'}"
+    ray.init(
+        address="local",
+        num_cpus=(os.cpu_count() or 1) + 2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "false"}},
     )
-    out = subprocess.run(
-        [sys.executable, __file__, "--plain-ddp", str(run_dir), "--steps", str(steps)],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return tuple(json.loads(out.strip().splitlines()[-1].removeprefix("PLAIN_DDP ")))
+    try:
+        trainer = TorchTrainer(
+            _plain_worker,
+            train_loop_config={"run_dir": str(run_dir), "steps": steps},
+            scaling_config=ScalingConfig(
+                num_workers=1, resources_per_worker={"CPU": os.cpu_count() or 1}
+            ),
+            run_config=RunConfig(storage_path=tempfile.mkdtemp(prefix="bench-train-worker-")),
+        )
+        trainer.fit()
+    finally:
+        ray.shutdown()
+    return tuple(json.loads((run_dir / "worker_step_times.json").read_text()))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _plain_worker(config: dict) -> None:
+    from bench_train_overhead import plain_loop
+
+    from rayft.training.worker import _alone_without_ddp
+
+    _alone_without_ddp()  # as rayft's worker does for a world of one
+    run_dir = Path(config["run_dir"])  # one machine: the driver reads the file
+    times = plain_loop(run_dir, config["steps"])
+    (run_dir / "worker_step_times.json").write_text(json.dumps(times))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--plain-ddp", help=argparse.SUPPRESS)  # the child of plain_ddp_loop
     opts = parser.parse_args()
     steps = opts.steps
-    if opts.plain_ddp:
-        import torch.distributed as dist
-
-        dist.init_process_group("gloo")
-        print(f"PLAIN_DDP {json.dumps(plain_loop(Path(opts.plain_ddp), steps))}")
-        return
-
     from train_data import write_sft
 
     from rayft import models
@@ -170,20 +174,20 @@ def main() -> None:
         for d in (plain_dir, ray_dir):
             write_sft(d, tiny, n_train=512, n_val=0, max_len=256)
         t_plain = plain_loop(plain_dir, steps)
-        t_ddp = plain_ddp_loop(plain_dir, steps)
+        t_worker = plain_in_train_worker(plain_dir, steps)
         t_ray = ray_loop(ray_dir, steps)
     print(f"steps: {steps} (after {WARMUP} warm-up steps), tiny-llama, CPU, batch 4 x 256")
     print("                              median ms/step   mean ms/step")
     for name, (med, mean) in (
         ("plain TRL loop", t_plain),
-        ("plain loop + DDP of one", t_ddp),
+        ("plain loop in a Train worker", t_worker),
         ("Ray Train (1 worker)", t_ray),
     ):
         print(f"{name:28s}  {med * 1000:14.1f}  {mean * 1000:13.1f}")
     print(f"overhead ratio (median): {t_ray[0] / t_plain[0]:.3f}   (goal <= 1.05)")
     print(f"overhead ratio (mean):   {t_ray[1] / t_plain[1]:.3f}")
-    print(f"  DDP alone (median):    {t_ddp[0] / t_plain[0]:.3f}")
-    print(f"  Ray beyond DDP:        {t_ray[0] / t_ddp[0]:.3f}")
+    print(f"  Ray Train's worker alone (median): {t_worker[0] / t_plain[0]:.3f}")
+    print(f"  rayft beyond that (median):        {t_ray[0] / t_worker[0]:.3f}")
 
 
 if __name__ == "__main__":
