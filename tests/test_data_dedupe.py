@@ -142,3 +142,21 @@ def test_exact_key_keeps_case_and_punctuation_but_not_spacing():
     rows.append({"messages": rows[0]["messages"][1:]})  # no system prompt: other content
     exact, near = dedupe.find_duplicates(_signed(rows), False, THRESHOLD, PERM)
     assert (exact, near) == ({"t:4"}, set())
+
+
+def test_band_keys_are_equal_exactly_where_a_band_is():
+    """LSH candidates come from these keys: a band two signatures share must give one key
+    (else a near duplicate is never a candidate), a band they do not share another key."""
+    import numpy as np
+    from datasketch import MinHashLSH
+
+    rng = np.random.default_rng(1)
+    hvs = rng.integers(0, 2**32, size=(3, PERM), dtype=np.uint64)
+    lsh = MinHashLSH(threshold=THRESHOLD - 0.2, num_perm=PERM)
+    hvs[1, : lsh.r] = hvs[0, : lsh.r]  # row 1 shares row 0's first band only
+    hvs[2, lsh.r : 2 * lsh.r] = hvs[0, lsh.r : 2 * lsh.r]  # row 2 its second band only
+    hvs[2, 0] = hvs[0, 0]  # and one value of the first band: not the band
+    keys = dedupe.band_keys(hvs, THRESHOLD - 0.2)
+    assert keys.shape == (3, lsh.b)  # datasketch's banding for that threshold
+    assert (keys[1] == keys[0]).tolist() == [True] + [False] * (lsh.b - 1)
+    assert (keys[2] == keys[0]).tolist() == [False, True] + [False] * (lsh.b - 2)

@@ -15,7 +15,7 @@ import hashlib
 import re
 
 import numpy as np
-from datasketch import LeanMinHash, MinHash, MinHashLSH
+from datasketch import MinHash, MinHashLSH
 
 # Pinned so signatures made on workers and rebuilt on the driver always agree (datasketch >= 2).
 SCHEME = "affine32"
@@ -86,20 +86,35 @@ def find_duplicates(
             seen.add(cid)
             survivors.append((source, sig))
     near_dups: set[str] = set()
-    if not near:
+    if not near or not survivors:
         return exact, near_dups
-    # Band for a lower threshold than asked: LSH misses many pairs just above its own threshold,
-    # and every candidate is confirmed against `threshold` below anyway.
-    lsh = MinHashLSH(threshold=max(0.3, threshold - 0.2), num_perm=num_perm)
     # All survivors' signatures in one matrix: a row's LSH candidates are confirmed with one
     # comparison of their rows, not one numpy call per candidate.
     hvs = np.frombuffer(b"".join(sig for _, sig in survivors), dtype="<u8").reshape(-1, num_perm)
-    for k, (source, _) in enumerate(survivors):
-        m = LeanMinHash(seed=1, hashvalues=hvs[k], scheme=SCHEME)  # no permutations needed here
-        # LSH candidates are probable matches only; confirm with the signature's own estimate.
-        candidates = list(lsh.query(m))
+    # Band for a lower threshold than asked: LSH misses many pairs just above its own threshold,
+    # and every candidate is confirmed against `threshold` below anyway.
+    keys_of = band_keys(hvs, max(0.3, threshold - 0.2))
+    buckets: list[dict[int, list[int]]] = [{} for _ in range(keys_of.shape[1])]
+    for k, keys in enumerate(keys_of.tolist()):
+        # Earlier kept rows that share a band with this one: LSH candidates, probable matches
+        # only; confirmed with the signatures' own similarity estimate.
+        shared = zip(buckets, keys, strict=True)
+        candidates = list({c for band, key in shared for c in band.get(key, ())})
         if candidates and (hvs[candidates] == hvs[k]).mean(axis=1).max() >= threshold:
-            near_dups.add(source)
+            near_dups.add(survivors[k][0])
             continue
-        lsh.insert(k, m)
+        for band, key in zip(buckets, keys, strict=True):
+            band.setdefault(key, []).append(k)
     return exact, near_dups
+
+
+def band_keys(hvs: np.ndarray, threshold: float) -> np.ndarray:
+    """One 64-bit key per (row, LSH band): the bands datasketch's MinHashLSH picks for
+    `threshold`, each hashed in one vectorised pass (its own per-row bytes-keyed tables cost
+    most of dedupe's time on the driver). Rows that share a band share its key; two bands that
+    merely collide only add a candidate, which the caller confirms anyway."""
+    lsh = MinHashLSH(threshold=threshold, num_perm=hvs.shape[1])
+    bands = hvs[:, : lsh.b * lsh.r].reshape(len(hvs), lsh.b, lsh.r)
+    mix = np.random.default_rng(0).integers(1, 2**63, size=lsh.r, dtype=np.uint64) | np.uint64(1)
+    with np.errstate(over="ignore"):  # multiply-add modulo 2**64, as intended
+        return (bands * mix).sum(axis=2, dtype=np.uint64)
