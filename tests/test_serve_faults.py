@@ -171,6 +171,9 @@ def test_health_is_503_while_an_engine_is_down(server):
     assert down, seen
     assert down[0]["status"] == "unavailable" and "engine base" in down[0]["reason"]
     assert seen[-1][0] == 200, seen[-5:]
+    # Healthy again means serving again: the ingress reaches the replacement (this also leaves
+    # the ingress's router knowing it, for the tests after this one).
+    assert complete(url, 4) == 200
 
 
 def test_backpressure_on_streams_is_a_503_before_the_stream_starts(server):
