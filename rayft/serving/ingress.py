@@ -576,6 +576,7 @@ class Ingress:
                 name=app,
                 route_prefix=None,
             )
+            await asyncio.to_thread(self._add_model, name, model)  # its tokenizer, here
         except RayServeException as e:
             raise AdapterRefused(
                 f"{path} needs a merged deployment (the engine does not serve "
@@ -584,25 +585,14 @@ class Ingress:
                 "list the result in serve.models",
                 "path",
             ) from None
-        except Exception as e:  # e.g. RuntimeError: its replicas failed to start
+        except Exception as e:  # its replicas failed to start, or its model does not load here
             replaced = await self._undo_merged_deploy(name, app, model)
             raise EngineFailed(
                 f"adapter {name!r} ({path}) needs a merged deployment (the engine does not serve "
-                f"{kind(path)} adapters), and it failed to start: {type(e).__name__}: "
-                f"{str(e)[:600]}. Its application {app} and merged weights were removed and "
-                f"nothing was loaded{replaced}; see the replica logs (`ray logs`, the Serve "
-                "dashboard) for the cause, then load it again",
-                "path",
-                "merged_deploy_failed",
-            ) from None
-        try:
-            await asyncio.to_thread(self._add_model, name, model)
-        except Exception as e:  # its tokenizer or config does not load here
-            replaced = await self._undo_merged_deploy(name, app, model)
-            raise EngineFailed(
-                f"adapter {name!r} ({path}): the merged model in {model} does not load in the "
-                f"ingress ({type(e).__name__}: {str(e)[:600]}); its application {app} was "
-                f"removed and nothing was loaded{replaced}",
+                f"{kind(path)} adapters), and the merged model in {model} failed to start or "
+                f"load: {type(e).__name__}: {str(e)[:600]}. Its application {app} and merged "
+                f"weights were removed and nothing was loaded{replaced}; see the replica logs "
+                "(`ray logs`, the Serve dashboard) for the cause, then load it again",
                 "path",
                 "merged_deploy_failed",
             ) from None
