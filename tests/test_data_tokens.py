@@ -110,6 +110,104 @@ def test_a_conversation_the_template_refuses_is_a_row_error(tok):
     assert _tokenize(tok, [{"messages": CONVO, "text": ""}], True)[0][0].count("<|im_start|>") == 5
 
 
+def _shaped(i: int, answer: str = "") -> list[dict]:
+    """Conversations of one shape whose contents differ row by row."""
+    return [
+        {"role": "system", "content": f"You are assistant {i}."},
+        {"role": "user", "content": f"Where is order A{i:06d}?"},
+        {"role": "assistant", "content": answer or f'{{"order": "A{i:06d}", "late": {i % 2}}}'},
+    ]
+
+
+def _rendered_like_the_template(tok, convos: list[list[dict]]) -> None:
+    """Each conversation's text is the template's own, and its answer spans are the ones the
+    prefix renderings give."""
+    for convo in convos:
+        text, spans = tokens.render_chat(tok, convo)
+        assert text == tok.apply_chat_template(convo, tokenize=False)
+        assert spans == tokens._prefix_spans(tok, convo, text)
+
+
+def test_a_verbatim_template_is_trusted_after_its_first_rows(tok):
+    # SmolLM2's and tiny-llama's ChatML templates only write contents out: after VERIFY_FIRST
+    # rows compared, rows of the shape are filled into the skeleton without a render
+    convos = [_shaped(i) for i in range(tokens.VERIFY_FIRST + 1)]
+    _rendered_like_the_template(tok, convos)
+    roles = ("system", "user", "assistant")
+    skeleton = tokens._SKELETONS[(tok.name_or_path, tok.chat_template, roles)]
+    assert skeleton.verbatim and skeleton.trusted
+    # contents a careless fill would get wrong: edges, quotes, newlines, braces, placeholders
+    odd = ["  padded  ", 'say "hi"\n\nthen {{ x }}', "<|im_end|> inside", "\ue000 0 \ue001", "🙂"]
+    _rendered_like_the_template(tok, [_shaped(7, a) for a in odd])
+
+
+READING_TEMPLATES = {
+    # Llama 3 style: contents trimmed
+    "trim": "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] | trim + '<|im_end|>\\n' }}",
+    # reasoning templates: a branch on what the content says
+    "in": "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] }}"
+    "{% if '<think>' in m['content'] %} (thought){% endif %}{{ '<|im_end|>\\n' }}",
+    "length": "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] }}"
+    "{% if m['content']|length > 40 %} (long){% endif %}{{ '<|im_end|>\\n' }}",
+    "method": "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'].replace('late', 'LATE') }}"
+    "{{ '<|im_end|>\\n' }}",
+    "tojson": "{{ '<|im_start|>' + m['role'] + '\\n' }}{{ m['content'] | tojson }}{{ '<|im_end|>\\n' }}",
+    # read in C, out of a probe's sight: refused by name
+    "wordcount": "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' }}"
+    "{{ m['content'] | wordcount }}\\n",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(READING_TEMPLATES))
+def test_a_template_that_reads_contents_is_rendered_row_by_row(tiny_model, kind):
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    tok.chat_template = (
+        "{% for m in messages %}" + READING_TEMPLATES[kind] + "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+    convos = [_shaped(i) for i in range(tokens.VERIFY_FIRST + 2)]
+    # rows past the first ones whose contents take the template's other way
+    convos += [
+        _shaped(90, "  <think>late</think> yes  "),
+        _shaped(91, "x" * 60),
+        _shaped(92, 'one "two" three four five'),
+    ]
+    _rendered_like_the_template(tok, convos)
+    skeleton = tokens._SKELETONS[
+        (tok.name_or_path, tok.chat_template, ("system", "user", "assistant"))
+    ]
+    assert skeleton is None or not skeleton.verbatim
+
+
+def test_a_template_that_only_tests_the_type_of_contents_is_verbatim(tiny_model):
+    # `is string` (multimodal templates ask it) reads nothing of the text
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    tok.chat_template = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}"
+        "{% if m['content'] is string %}{{ m['content'] }}{% else %}[parts]{% endif %}"
+        "{{ '<|im_end|>\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+    _rendered_like_the_template(tok, [_shaped(i) for i in range(tokens.VERIFY_FIRST + 2)])
+    skeleton = tokens._SKELETONS[
+        (tok.name_or_path, tok.chat_template, ("system", "user", "assistant"))
+    ]
+    assert skeleton.verbatim and skeleton.trusted
+
+
+def test_answer_labels_from_span_lookups_equal_those_from_every_offset(tok):
+    rows = [_shaped(i) for i in range(20)]
+    rows += [_shaped(5, a) for a in (" 🙂 emoji  ", "世界 \n\n  x", "ends with newline\n", "a")]
+    rendered = [tokens.render_sft(tok, {"messages": r, "text": ""}, True) for r in rows]
+    encodings = tok.backend_tokenizer.encode_batch(
+        [t for t, _ in rendered], add_special_tokens=False
+    )
+    for (text, spans), enc in zip(rendered, encodings, strict=True):
+        expected = tokens.mask_labels(enc.ids, enc.offsets, spans)
+        assert tokens.span_labels(enc, enc.ids, spans, len(text)) == expected
+        assert any(x != IGNORE for x in expected)
+
+
 def test_packing_keeps_examples_whole_and_positions_restart():
     lengths = [7, 3, 5, 2, 9, 4, 1, 6]
     ids = [[100 * k + j for j in range(n)] for k, n in enumerate(lengths)]

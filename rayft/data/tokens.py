@@ -12,6 +12,14 @@ placeholder for each content, with the spans found on its prefix renderings. A r
 rendering must then equal the skeleton with its contents filled in; where it does not (a
 template that edits or inspects contents), the row takes the prefix renderings itself.
 
+A template that provably writes each content out whole and reads nothing else of it (the
+*verbatim* ones, such as SmolLM2's and most ChatML templates) is not rendered per row at all:
+rendering it was a third of `prepare`'s time. The proof is a probe: the skeleton is rendered
+once more with contents that record every use but being written out (a comparison, a test,
+`len`, a method, escaping), and the text must come out the same. Filters the probe cannot see
+(they read the string in C) disqualify a template outright, and the first rows of every shape
+are still rendered and compared in each process, a check against what the probe missed.
+
 A conversation the template itself refuses (many templates raise on roles out of order) is
 one bad row, not a broken job: it becomes a `template_error` RowError for the rejects.
 """
@@ -31,10 +39,19 @@ from rayft.errors import RayftError
 
 IGNORE = -100
 # Placeholders for contents in skeletons: private-use characters no cleaned text carries
-# around a number, and no template edits.
-_HOLE = "\ue000{}\ue001"
-_HOLES = re.compile("\ue000(\\d+)\ue001")
+# around a number, and no template edits; with a newline and a quote inside, which JSON or
+# HTML escaping would change, so that a template escaping its contents has no skeleton.
+_HOLE = '\ue000{}\n"\ue001'
+_HOLES = re.compile('\ue000(\\d+)\n"\ue001')
 _SKELETONS: dict[tuple, _Skeleton | None] = {}
+# Rows of a verbatim skeleton rendered and compared in each process before it is trusted.
+VERIFY_FIRST = 32
+# Jinja filters that read a string without calling its methods (C code, or a copy made with
+# str()): a probe cannot see them, so a template that uses one is compared row by row.
+_OPAQUE_FILTERS = re.compile(
+    r"\|\s*(wordcount|striptags|forceescape|urlize|urlencode|pprint|int|float|filesizeformat|"
+    r"xmlattr|dictsort|items)\b"
+)
 
 
 class TemplateError(RayftError):
@@ -93,13 +110,87 @@ def _prefix_spans(
     return spans
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Skeleton:
     """A conversation shape rendered with content placeholders: the literal text between the
-    contents (`pieces`, one more than contents) and the answer spans as (piece, offset)."""
+    contents (`pieces`, one more than contents) and the answer spans as (piece, offset);
+    `verbatim` once the probe found the template writing contents out whole, `checked` the rows
+    compared with their own rendering since."""
 
     pieces: tuple[str, ...]
     spans: tuple[tuple[tuple[int, int], tuple[int, int]], ...]
+    verbatim: bool = False
+    checked: int = 0
+
+    def fill(self, contents: list[str]) -> tuple[str, list[tuple[int, int]]]:
+        """The text with `contents` in their places, and the answer spans in it."""
+        starts, at = [], 0  # where each piece starts in the filled-in text
+        for i, piece in enumerate(self.pieces):
+            starts.append(at)
+            at += len(piece) + (len(contents[i]) if i < len(contents) else 0)
+        filled = "".join(p + c for p, c in zip(self.pieces, [*contents, ""], strict=True))
+        return filled, [(starts[a] + x, starts[b] + y) for (a, x), (b, y) in self.spans]
+
+    @property
+    def trusted(self) -> bool:
+        return self.verbatim and self.checked >= VERIFY_FIRST
+
+
+_PROBE_USES: list[str] = []
+
+
+class _Probe(str):
+    """A content in the probe rendering: the same text, but every use of it other than being
+    written out or concatenated (which never call its methods) is noted in _PROBE_USES."""
+
+    __slots__ = ()
+
+    def __getattribute__(self, name: str):
+        if name != "__class__":  # isinstance() against other types asks: that reads nothing
+            _PROBE_USES.append(name)
+        return str.__getattribute__(self, name)
+
+
+def _noting(name: str):
+    def use(self, *args):
+        _PROBE_USES.append(name)
+        return getattr(str, name)(self, *args)
+
+    return use
+
+
+for _use in (
+    *("__len__", "__contains__", "__iter__", "__getitem__", "__hash__", "__format__"),
+    *("__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__mod__", "__mul__", "__rmul__"),
+):
+    setattr(_Probe, _use, _noting(_use))
+
+
+def _verbatim(tok: Any, holes: list[dict[str, str]], text: str) -> bool:
+    """Whether the template, for this shape, writes every content out whole and reads nothing
+    else of it: rendered with probing contents it must note no use and give `text` again."""
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        source = tok.get_chat_template()
+        if _OPAQUE_FILTERS.search(source):
+            return False
+        probes = [{**m, "content": _Probe(m["content"])} for m in holes]
+        _PROBE_USES.clear()
+        # What apply_chat_template passes, but for the contents it would copy to plain str.
+        out = _compile_jinja_template(source).render(
+            messages=probes,
+            tools=None,
+            documents=None,
+            add_generation_prompt=False,
+            **tok.special_tokens_map,
+        )
+    except Exception:  # noqa: BLE001 - a probe that fails proves nothing: compare rows instead
+        return False
+    finally:
+        uses = list(_PROBE_USES)
+        _PROBE_USES.clear()
+    return not uses and out == text
 
 
 def _skeleton(tok: Any, roles: tuple[str, ...]) -> _Skeleton | None:
@@ -118,7 +209,9 @@ def _skeleton(tok: Any, roles: tuple[str, ...]) -> _Skeleton | None:
         if order == list(range(len(roles))):
             spans = _prefix_spans(tok, holes, text)
             skeleton = _Skeleton(
-                tuple(parts[0::2]), tuple((_locate(text, a), _locate(text, b)) for a, b in spans)
+                tuple(parts[0::2]),
+                tuple((_locate(text, a), _locate(text, b)) for a, b in spans),
+                verbatim=_verbatim(tok, holes, text),
             )
     except (RowError, TemplateError):
         pass
@@ -142,18 +235,18 @@ def render_chat(
     tok: Any, messages: list[dict[str, Any]], tools: list | None = None
 ) -> tuple[str, list[tuple[int, int]]]:
     """Full template text and the character spans of the assistant answers."""
-    full = _apply(tok, messages, "messages", **({"tools": tools} if tools else {}))
+    sk = None
     if tools is None and all(m.keys() == {"role", "content"} for m in messages):
         sk = _skeleton(tok, tuple(m["role"] for m in messages))
-        if sk is not None:
-            contents = [m["content"] for m in messages]
-            starts, at = [], 0  # where each piece starts in the filled-in text
-            for i, piece in enumerate(sk.pieces):
-                starts.append(at)
-                at += len(piece) + (len(contents[i]) if i < len(contents) else 0)
-            filled = "".join(p + c for p, c in zip(sk.pieces, [*contents, ""], strict=True))
-            if filled == full:
-                return full, [(starts[a] + x, starts[b] + y) for (a, x), (b, y) in sk.spans]
+    if sk is not None and sk.trusted:
+        return sk.fill([m["content"] for m in messages])
+    full = _apply(tok, messages, "messages", **({"tools": tools} if tools else {}))
+    if sk is not None:
+        filled, spans = sk.fill([m["content"] for m in messages])
+        if filled == full:
+            sk.checked += 1
+            return full, spans
+        sk.verbatim = False  # the probe missed something: compare every row from now on
     return full, _prefix_spans(tok, messages, full, tools)
 
 
@@ -238,9 +331,32 @@ def encode_sft(
     out = []
     for (text, sp), enc in zip(rendered, encodings, strict=True):
         ids = enc.ids
-        labels = list(ids) if sp is None else mask_labels(ids, enc.offsets, sp)
+        labels = list(ids) if sp is None else span_labels(enc, ids, sp, len(text))
         out.append((text, ids, labels))
     return out
+
+
+def span_labels(enc: Any, ids: list[int], spans: list[tuple[int, int]], length: int) -> list[int]:
+    """What mask_labels gives, from two lookups a span instead of every token's offsets
+    (reading those was a tenth of `prepare`'s time)."""
+    labels = [IGNORE] * len(ids)
+    for start, end in spans:
+        a, b = (_first_token_at(enc, pos, length, len(ids)) for pos in (start, end))
+        if a is None or b is None:  # a character no token covers: read the offsets after all
+            return mask_labels(ids, enc.offsets, spans)
+        labels[a:b] = ids[a:b]
+    return labels
+
+
+def _first_token_at(enc: Any, pos: int, length: int, count: int) -> int | None:
+    """Index of the first of `count` tokens that starts at or after character `pos` of the
+    text (`length` characters)."""
+    if pos >= length:
+        return count
+    t = enc.char_to_token(pos)
+    if t is None:
+        return None
+    return t if enc.token_to_chars(t)[0] >= pos else t + 1
 
 
 def preference_tokens(tok: Any, prompt: list[dict[str, str]], chosen: str, rejected: str) -> int:
