@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import random
 
+import numpy as np
 import pyarrow as pa
 
 from rayft.data import dedupe, sources, split, stages
@@ -34,6 +36,9 @@ LONG = (
     "I have tried to use it twice and it leaks all over the counter every single time so "
     "I would like a replacement sent to my home address as soon as possible please"
 )
+# One word changed near the start: 4 of its 5-word shingles differ, a Jaccard similarity of
+# 0.857 (48 shared of 56): a near-duplicate just above THRESHOLD.
+NEAR = LONG.replace("blender from", "blender of")
 
 
 def test_exact_duplicates_keep_the_first_and_ignore_spacing_only():
@@ -57,8 +62,7 @@ def test_exact_duplicates_keep_the_first_and_ignore_spacing_only():
 
 
 def test_near_duplicates_removed_across_files():
-    edited = LONG.replace("as soon as possible please", "as soon as possible thanks")
-    rows = [_row("a.jsonl:1", LONG), _row("b.jsonl:3", edited)]
+    rows = [_row("a.jsonl:1", LONG), _row("b.jsonl:3", NEAR)]
     exact, near = dedupe.find_duplicates(rows, True, THRESHOLD, PERM)
     assert exact == set() and near == {"b.jsonl:3"}
     # near-dedupe off: both stay
@@ -91,13 +95,14 @@ def test_split_is_deterministic_salted_and_follows_ratios():
 
 
 def test_near_duplicates_just_above_the_threshold_are_found():
-    # Estimated Jaccard ~0.87: LSH banded at 0.85 itself misses such pairs about half the time.
+    # LSH banded at 0.85 itself (8 bands of 16) makes a pair of Jaccard 0.857 a candidate
+    # about half the time (1 - (1 - 0.857**16)**8 = 0.51).
     def convo(text: str) -> tuple[str, bytes]:
         parts = [("user", text), ("assistant", "We will send a replacement.")]
         key = dedupe.near_key(parts)
         return dedupe.content_id(dedupe.exact_key(parts)), dedupe.signature(key, PERM, SHINGLE)
 
-    a, b = convo(LONG), convo(LONG.replace("please", "thanks"))
+    a, b = convo(LONG), convo(NEAR)
     rows = [("a:1", *a), ("a:2", *b)]
     assert dedupe.find_duplicates(rows, True, THRESHOLD, PERM) == (set(), {"a:2"})
 
@@ -131,7 +136,7 @@ def test_a_shared_system_prompt_does_not_make_rows_near_duplicates():
     ]
     # a truly near-identical pair still goes: the second copy of the last ticket
     rows.append(_support(LONG, "We will send a replacement."))
-    rows.append(_support(LONG.replace("please", "thanks"), "We will send a replacement."))
+    rows.append(_support(NEAR, "We will send a replacement."))
     assert dedupe.find_duplicates(_signed(rows), True, THRESHOLD, PERM) == (set(), {"t:6"})
 
 
@@ -160,3 +165,34 @@ def test_band_keys_are_equal_exactly_where_a_band_is():
     assert keys.shape == (3, lsh.b)  # datasketch's banding for that threshold
     assert (keys[1] == keys[0]).tolist() == [True] + [False] * (lsh.b - 1)
     assert (keys[2] == keys[0]).tolist() == [False, True] + [False] * (lsh.b - 2)
+
+
+def _true_jaccard(a: str, b: str) -> float:
+    def grams(key: str) -> set[tuple[str, ...]]:
+        w = key.split()
+        return {tuple(w[i : i + SHINGLE]) for i in range(max(len(w) - SHINGLE + 1, 1))}
+
+    x, y = grams(a), grams(b)
+    return len(x & y) / len(x | y)
+
+
+def test_signatures_estimate_the_jaccard_similarity_of_shingles():
+    # Pairs from 0 to 1 similar: a text and a copy with some of its words replaced.
+    rng = random.Random(0)
+    vocab = [f"w{i}" for i in range(300)]
+    errors = []
+    for _ in range(60):
+        words = [rng.choice(vocab) for _ in range(rng.randint(20, 120))]
+        edited = [w if rng.random() > rng.choice([0.02, 0.05, 0.1, 0.3]) else "x" for w in words]
+        a, b = " ".join(words), " ".join(edited)
+        sa, sb = (np.frombuffer(dedupe.signature(k, PERM, SHINGLE), "<u8") for k in (a, b))
+        errors.append(abs((sa == sb).mean() - _true_jaccard(a, b)))
+    # the standard error of 128 permutations is at most 0.044
+    assert np.mean(errors) < 0.04 and max(errors) < 0.15
+
+
+def test_a_batch_signs_each_row_as_alone():
+    keys = ["", "a b", "one two three four five", LONG, NEAR, "x\x1fy z " * 40]
+    assert dedupe.signatures(keys * 2, PERM, SHINGLE) == [
+        dedupe.signature(k, PERM, SHINGLE) for k in keys * 2
+    ]

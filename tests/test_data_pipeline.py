@@ -25,6 +25,7 @@ LONG = (
     "I have tried to use it twice and it leaks all over the counter every single time so "
     "I would like a replacement sent to my home address as soon as possible please"
 )
+NEAR = LONG.replace("blender from", "blender of")  # Jaccard 0.857 of 5-word shingles
 
 
 def _chat(user: str, answer: str) -> dict:
@@ -72,7 +73,7 @@ def test_prepare_multi_file_skip_mode(tmp_path, tiny_model, ray_local):
         [
             *demo[30:],
             demo[3],  # exact duplicate of a row in a.jsonl
-            _chat(LONG.replace("please", "thanks"), "We will send a replacement."),  # near dup
+            _chat(NEAR, "We will send a replacement."),  # near dup
             _chat("Tell me a long story. " * 5, "Once upon a time " * 80),  # over 256 tokens
         ],
     )

@@ -153,6 +153,7 @@ def validate_clean(
 ) -> pa.Table:
     """Raw rows -> cleaned rows with content id and MinHash, or rejected rows with a reason."""
     cols: dict[str, list[Any]] = {name: [] for name in CLEAN_SCHEMA.names}
+    near_keys: list[tuple[int, str]] = []  # (row, key): signed together after the loop
     for row in batch.to_pylist():
         counts: Counter = Counter()
         out = dict.fromkeys(CLEAN_SCHEMA.names)
@@ -174,16 +175,16 @@ def validate_clean(
                 prompt=json.dumps(ex.prompt, ensure_ascii=False) if ex.prompt else None,
                 chosen=ex.chosen,
                 rejected=ex.rejected,
-                minhash=(
-                    dedupe.signature(dedupe.near_key(parts), num_perm, shingle_size)
-                    if near
-                    else None
-                ),
             )
+            if near:
+                near_keys.append((len(cols["id"]), dedupe.near_key(parts)))
             for t in PII_TYPES:
                 out[f"pii_{t}"] = counts[t]
         for k, v in out.items():
             cols[k].append(v)
+    signed = dedupe.signatures([key for _, key in near_keys], num_perm, shingle_size)
+    for (i, _), sig in zip(near_keys, signed, strict=True):
+        cols["minhash"][i] = sig
     return pa.table(cols, schema=CLEAN_SCHEMA)
 
 
