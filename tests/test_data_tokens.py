@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 
@@ -348,3 +349,20 @@ def test_tool_rows_through_the_pipeline_stages(tiny_model):
     assert (out["error_kind"], out["error_field"]) == ("template_error", "messages[1].tool_calls")
     assert json.loads(out["raw"])["tools"] == row["tools"] and out["source"] == "t.jsonl:1"
     assert text_row["error_kind"] == "missing_key" and text_row["input_ids"] is None
+
+
+def test_the_data_workers_tokenizer_is_the_auto_tokenizer(tok, tmp_path):
+    mine = tokens.load_tokenizer(tok.name_or_path)
+    assert type(mine) is type(tok) and mine.is_fast
+    assert mine.backend_tokenizer.to_str() == tok.backend_tokenizer.to_str()
+    assert mine.special_tokens_map == tok.special_tokens_map
+    assert mine.apply_chat_template(CONVO, tokenize=False) == tok.apply_chat_template(
+        CONVO, tokenize=False
+    )
+    # a tokenizer_config.json that names no class: the auto class decides
+    tok.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config.pop("tokenizer_class", None)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    fallback = tokens.load_tokenizer(str(tmp_path))
+    assert fallback.is_fast and fallback.encode("Hello sea.") == tok.encode("Hello sea.")

@@ -246,9 +246,7 @@ class Tokenize:
     """Rendering, tokenization and the over-length policy with one loaded tokenizer."""
 
     def __init__(self, model_path: str, assistant_only: bool, max_len: int, overlength: str):
-        from transformers import AutoTokenizer
-
-        self.tok = AutoTokenizer.from_pretrained(model_path)
+        self.tok = tokens.load_tokenizer(model_path)
         self.assistant_only = assistant_only
         self.max_len, self.overlength = max_len, overlength
 
