@@ -5,7 +5,7 @@ the loops take turns for --rounds rounds, each timed by its median step after wa
 ratio is the median over rounds of the ratio within a round (drift on a shared machine lands
 on both sides of a ratio, not between them).
 
-    .venv/bin/python benchmarks/bench_train_overhead.py [--steps 60] [--rounds 3]
+    .venv/bin/python benchmarks/bench_train_overhead.py [--steps 60] [--rounds 3] [--threads N]
 
 Goal: ratio <= 1.05.
 """
@@ -26,6 +26,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 WARMUP = 5
+# Threads of each loop (Ray gives a worker as many as it has CPUs): the machine's cores unless
+# --threads leaves some to the rest of the machine (Ray's own processes, for one).
+THREADS = os.cpu_count() or 1
 
 
 def _config(run_dir: Path, steps: int):
@@ -44,7 +47,7 @@ def _config(run_dir: Path, steps: int):
             },
             # The worker gets the machine's cores, as the plain loop does: Ray sets a worker's
             # OMP/torch threads to its CPU count, so 1 CPU would halve its compute.
-            "cluster": {"num_workers": 1, "cpus_per_worker": os.cpu_count() or 1},
+            "cluster": {"num_workers": 1, "cpus_per_worker": THREADS},
         }
     )
 
@@ -59,6 +62,7 @@ def step_times(times: list[float]) -> tuple[float, float]:
 def plain_loop(run_dir: Path, steps: int) -> tuple[float, float]:
     """The worker's TRL loop without Ray: same args, model, collator, rows."""
     import pyarrow.dataset as pads
+    import torch
     from datasets import IterableDataset
     from transformers import AutoTokenizer, TrainerCallback
     from trl import SFTTrainer
@@ -69,6 +73,7 @@ def plain_loop(run_dir: Path, steps: int) -> tuple[float, float]:
     from rayft.training.model import adapter_config, compute_dtype, load_base
     from rayft.training.worker import _read_own_shard, _training_args
 
+    torch.set_num_threads(THREADS)  # what Ray sets in a worker with THREADS CPUs
     cfg = _config(run_dir, steps)
     base = models.resolve("tiny-llama")
     wc = _worker_config(cfg, base, "sft", "sft", None, has_val=False)
@@ -109,7 +114,7 @@ def ray_loop(run_dir: Path, steps: int) -> tuple[float, float]:
     from rayft.training import train
 
     # Logical CPUs beyond the worker's, for the Ray Data read tasks that feed it.
-    cpus = (os.cpu_count() or 1) + 2
+    cpus = THREADS + 2
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     try:
         train(_config(run_dir, steps))
@@ -131,7 +136,7 @@ def plain_in_train_worker(run_dir: Path, steps: int) -> tuple[float, float]:
     path = f"{here}{os.pathsep}{here.parent / 'tests'}"
     ray.init(
         address="local",
-        num_cpus=(os.cpu_count() or 1) + 2,
+        num_cpus=THREADS + 2,
         include_dashboard=False,
         log_to_driver=False,
         runtime_env={"env_vars": {"PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "false"}},
@@ -139,10 +144,8 @@ def plain_in_train_worker(run_dir: Path, steps: int) -> tuple[float, float]:
     try:
         trainer = TorchTrainer(
             _plain_worker,
-            train_loop_config={"run_dir": str(run_dir), "steps": steps},
-            scaling_config=ScalingConfig(
-                num_workers=1, resources_per_worker={"CPU": os.cpu_count() or 1}
-            ),
+            train_loop_config={"run_dir": str(run_dir), "steps": steps, "threads": THREADS},
+            scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": THREADS}),
             run_config=RunConfig(storage_path=tempfile.mkdtemp(prefix="bench-train-worker-")),
         )
         trainer.fit()
@@ -157,6 +160,8 @@ def _plain_worker(config: dict) -> None:
     from rayft.training.worker import _alone_without_ddp
 
     _alone_without_ddp()  # as rayft's worker does for a world of one
+    global THREADS
+    THREADS = config["threads"]
     run_dir = Path(config["run_dir"])  # one machine: the driver reads the file
     times = plain_loop(run_dir, config["steps"])
     (run_dir / "worker_step_times.json").write_text(json.dumps(times))
@@ -171,8 +176,16 @@ def main() -> None:
         default=3,
         help="alternating rounds of the three loops; ratios are taken within a round",
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=THREADS,
+        help="intra-op threads of every loop (default: all cores, as rayft gives one worker)",
+    )
     opts = parser.parse_args()
     steps = opts.steps
+    global THREADS
+    THREADS = opts.threads
     from train_data import write_sft
 
     from rayft import models
@@ -197,7 +210,7 @@ def main() -> None:
             )
     print(
         f"steps: {steps} (after {WARMUP} warm-up steps), tiny-llama, CPU, batch 4 x 256, "
-        f"{opts.rounds} alternating rounds"
+        f"{opts.rounds} alternating rounds, {THREADS} thread(s) of {os.cpu_count()} cores"
     )
     print("                              median ms/step per round")
     for name in names:
