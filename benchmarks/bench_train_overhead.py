@@ -168,6 +168,7 @@ def _plain_worker(config: dict) -> None:
 
 
 def main() -> None:
+    global THREADS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument(
@@ -184,7 +185,6 @@ def main() -> None:
     )
     opts = parser.parse_args()
     steps = opts.steps
-    global THREADS
     THREADS = opts.threads
     from train_data import write_sft
 
