@@ -49,16 +49,9 @@ def content_id(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def shingles(key: str, size: int) -> list[bytes]:
-    words = key.replace("\x1f", " ").split()
-    if len(words) <= size:
-        return [" ".join(words).encode()]
-    return [" ".join(words[i : i + size]).encode() for i in range(len(words) - size + 1)]
-
-
 @functools.lru_cache(maxsize=4)
 def _empty(num_perm: int) -> MinHash:
-    # Building a MinHash draws its permutations, which costs more than hashing a row: copy one.
+    # Its permutations are drawn once per num_perm (every process draws the same ones).
     return MinHash(num_perm=num_perm, seed=1, scheme=SCHEME)
 
 
@@ -84,7 +77,7 @@ def shingle_hashes(words: np.ndarray, lengths: np.ndarray, size: int) -> np.ndar
     with np.errstate(over="ignore"):  # multiply-add modulo 2**64, as intended
         for j in range(size):
             inside = j < lengths[row]
-            total += np.where(inside, padded[np.where(inside, start + j, len(words))], 0) * mix[j]
+            total += padded[np.where(inside, start + j, len(words))] * mix[j]
     return total >> np.uint64(32)
 
 
