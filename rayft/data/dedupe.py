@@ -56,10 +56,10 @@ def _empty(num_perm: int) -> MinHash:
 
 
 @functools.lru_cache(maxsize=8)
-def _mix(size: int) -> np.ndarray:
-    # Odd 64-bit multipliers, one for each word place in a shingle; fixed, so every process
-    # hashes a shingle the same way.
-    return np.random.default_rng(size).integers(1, 2**63, size=size, dtype=np.uint64) | np.uint64(1)
+def _odd_multipliers(count: int, seed: int) -> np.ndarray:
+    # Fixed odd 64-bit constants for multiply-add hashes: every process hashes alike.
+    drawn = np.random.default_rng(seed).integers(1, 2**63, size=count, dtype=np.uint64)
+    return drawn | np.uint64(1)
 
 
 def shingle_hashes(words: np.ndarray, lengths: np.ndarray, size: int) -> np.ndarray:
@@ -73,7 +73,7 @@ def shingle_hashes(words: np.ndarray, lengths: np.ndarray, size: int) -> np.ndar
     start = row_start[row] + (np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count))
     total = np.zeros(len(start), dtype=np.uint64)
     padded = np.append(words, np.uint64(0))  # places past a short row's end read this
-    mix = _mix(size)
+    mix = _odd_multipliers(size, seed=size)  # one for each word place in a shingle
     with np.errstate(over="ignore"):  # multiply-add modulo 2**64, as intended
         for j in range(size):
             inside = j < lengths[row]
@@ -149,9 +149,9 @@ def find_duplicates(
     for j, band in enumerate(keys_of.T):
         _, inverse, sizes = np.unique(band, return_inverse=True, return_counts=True)
         shared = sizes[inverse] > 1
-        _, numbered = np.unique(inverse[shared], return_inverse=True)
-        groups[shared, j] = numbered + count
-        count += int(numbered.max()) + 1 if numbered.size else 0
+        number = np.cumsum(sizes > 1) - 1  # of each shared key, in key order
+        groups[shared, j] = number[inverse[shared]] + count
+        count += int((sizes > 1).sum())
     visit = np.flatnonzero((groups >= 0).any(axis=1))
     kept_in: list[list[int]] = [[] for _ in range(count)]  # kept rows of each group so far
     for k, row in zip(visit.tolist(), groups[visit].tolist(), strict=True):
@@ -174,6 +174,6 @@ def band_keys(hvs: np.ndarray, threshold: float) -> np.ndarray:
     merely collide only add a candidate, which the caller confirms anyway."""
     lsh = MinHashLSH(threshold=threshold, num_perm=hvs.shape[1])
     bands = hvs[:, : lsh.b * lsh.r].reshape(len(hvs), lsh.b, lsh.r)
-    mix = np.random.default_rng(0).integers(1, 2**63, size=lsh.r, dtype=np.uint64) | np.uint64(1)
+    mix = _odd_multipliers(lsh.r, seed=0)
     with np.errstate(over="ignore"):  # multiply-add modulo 2**64, as intended
         return (bands * mix).sum(axis=2, dtype=np.uint64)
