@@ -196,3 +196,18 @@ def test_a_batch_signs_each_row_as_alone():
     assert dedupe.signatures(keys * 2, PERM, SHINGLE) == [
         dedupe.signature(k, PERM, SHINGLE) for k in keys * 2
     ]
+
+
+def test_words_are_lower_cased_runs_of_letters_digits_and_underscores():
+    hashed, lengths = dedupe.words(
+        ["Straße, CAFÉ_2 x²!", "", " ...", "straße café_2 x 2", "a\x1fb"]
+    )
+    assert lengths.tolist() == [3, 0, 0, 4, 2]
+    first, second = hashed[:3], hashed[3:7]
+    assert first[:2].tolist() == second[:2].tolist()  # case does not matter
+    assert first[2] not in second[2:]  # "x²" is one word, neither "x" nor "2"
+    # different words, different hashes; a word hashes alike wherever it stands
+    vocab = [f"{a}{b}{c}" for a in "abcdefghij" for b in "klmnopqrstuvwxyz" for c in range(300)]
+    many, _ = dedupe.words([" ".join(vocab), " ".join(reversed(vocab))])
+    assert len(set(many[: len(vocab)].tolist())) == len(vocab)
+    assert many[: len(vocab)].tolist() == many[len(vocab) :][::-1].tolist()
