@@ -90,7 +90,7 @@ def main() -> None:
 
     # The embedded Ray as `rayft prepare` starts it (its worker environment included), started
     # before the clock: its fixed start-up is not part of the pipeline.
-    with ray_session(num_cpus=os.cpu_count()):
+    with ray_session(num_cpus=os.cpu_count(), dashboard=False):
         start = time.perf_counter()
         big_report = prepare(_config(work / "big", [str(big)], 512)).report
         prep_s = time.perf_counter() - start

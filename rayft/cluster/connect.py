@@ -33,9 +33,13 @@ def resolve_address(address: str | None) -> str | None:
 
 
 @contextlib.contextmanager
-def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[bool]:
-    """Use the Ray that is already initialised, the cluster at `address`, or start a local one.
-    Yields whether this session started that local Ray (what it may stop, it alone owns)."""
+def ray_session(
+    address: str | None = None, num_cpus: int | None = None, dashboard: bool = True
+) -> Iterator[bool]:
+    """Use the Ray that is already initialised, the cluster at `address`, or start a local one
+    (with its dashboard unless `dashboard` is False: a stage that runs no Ray Train needs none,
+    and on a small machine its processes take CPU from the work). Yields whether this session
+    started that local Ray (what it may stop, it alone owns)."""
     if ray.is_initialized():
         yield False
         return
@@ -52,8 +56,8 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
             # Ray Train's placement-group cleaner polls the State API, which the dashboard
             # serves: without it, a warning every second. The port is any free one, so two
             # embedded Rays on one machine never collide.
-            include_dashboard=True,
-            dashboard_port=_free_port(),
+            include_dashboard=dashboard,
+            **({"dashboard_port": _free_port()} if dashboard else {}),
             runtime_env=env,
             log_to_driver=True,
         )

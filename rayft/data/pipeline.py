@@ -71,6 +71,7 @@ def prepare(cfg: JobConfig) -> DataArtifacts:
     with ray_session(
         cfg.cluster.address,
         num_cpus=local_cpus(cfg.cluster.num_workers, cfg.cluster.cpus_per_worker),
+        dashboard=False,
     ):
         tokenized = _read_clean_tokenize(files, d, model_path).materialize()
         facts = _collect_cleaned(tokenized)
