@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 
 from rayft.cli import main as cli_main
 from rayft.config import JobConfig
-from rayft.data import DataValidationError, pipeline, prepare
+from rayft.data import DataValidationError, pipeline, prepare, split
 from rayft.manifest import read_manifest
 
 DEMO = Path(__file__).parent.parent / "examples" / "data" / "support.jsonl"
@@ -377,6 +377,67 @@ def test_prepare_formats_held_out_files_truncation_and_stable_splits(
         first = splits[s].set_index("id")["source"].to_dict()
         second = _read(Path(cfg2.run_dir) / "data" / f"{s}.parquet")
         assert second.set_index("id")["source"].to_dict() == first
+
+
+def test_hash_split_ignores_file_order_and_blocks(tmp_path, tiny_model, ray_local):
+    # No held-out files: every split comes from the hash of the content. The same rows in
+    # the other file order and in 16-row blocks must land in the same splits, each row where
+    # split.assign puts its content id.
+    demo = DEMO.read_text().splitlines()
+    a = _write_jsonl(tmp_path / "a.jsonl", demo[:60])
+    b = _write_jsonl(tmp_path / "b.jsonl", demo[60:120])
+    fractions = {"validation": 0.2, "test": 0.2, "seed": 3}
+    runs = []
+    for files, batch in (([a, b], 1024), ([b, a], 16)):
+        cfg = _config(
+            tmp_path / f"run-{batch}",
+            tiny_model,
+            [str(f) for f in files],
+            pack=False,
+            batch_size=batch,
+            split=fractions,
+        )
+        prepare(cfg)
+        data = Path(cfg.run_dir) / "data"
+        runs.append({s: _read(data / f"{s}.parquet") for s in ("train", "validation", "test")})
+    for name, frame in runs[0].items():
+        assert len(frame) >= 10, name  # every split has rows: the checks below can fail
+        assert {split.assign(i, 0.2, 0.2, 3) for i in frame["id"]} == {name}
+        assert set(runs[1][name]["id"]) == set(frame["id"])
+        assert set(runs[1][name]["source"]) == set(frame["source"])
+    assert sum(len(f) for f in runs[0].values()) == 120
+
+
+def test_train_copies_of_held_out_rows_are_the_duplicates_removed(
+    tmp_path, tiny_model, ray_local, capsys
+):
+    # A test-file row copied into a train file (spacing changed) and one copied with its last
+    # word changed (Jaccard 0.93) are duplicates of the held-out rows: the train copies go,
+    # whatever the file order, and the test split keeps its rows.
+    answer = '{"category": "returns", "priority": "high", "reply": "We will replace it."}'
+    exact = _chat("Where is my parcel with order A555123? It is late by nine days.", "Soon.")
+    held = _write_jsonl(tmp_path / "test.jsonl", [exact, _chat(LONG, answer)])
+    copies = [
+        _chat("Where is my parcel  with order A555123?\nIt is late by nine days.", "Soon."),
+        _chat(LONG.replace("My blender", "Our blender"), answer),
+    ]
+    demo = DEMO.read_text().splitlines()[:30]
+    train = _write_jsonl(tmp_path / "train.jsonl", [*copies[:1], *demo, *copies[1:]])
+    cfg = _config(tmp_path, tiny_model, [str(train)], test_files=[str(held)], pack=False)
+    rep = prepare(cfg).report
+    assert rep["duplicates_removed"] == {"exact": 1, "near": 1}
+    assert rep["rows_out"]["test"] == 2 and rep["rows_in"] == 34
+    data = Path(cfg.run_dir) / "data"
+    assert set(_read(data / "test.parquet")["source"]) == {f"{held}:1", f"{held}:2"}
+    kept = set(_read(data / "train.parquet")["source"]) | set(
+        _read(data / "validation.parquet")["source"]
+    )
+    assert kept == {f"{train}:{i}" for i in range(2, 32)}
+    # each phase of the driver says what it did
+    out = " ".join(capsys.readouterr().out.split())
+    assert "[rayft prepare] read, validated, cleaned and tokenized 34 rows (0 rejected)" in out
+    assert "[rayft prepare] dedupe: 1 exact and 1 near duplicates among 34 valid rows" in out
+    assert f"[rayft prepare] wrote train {rep['rows_out']['train']} rows" in out
 
 
 def _refusing_model(tiny_model: str, dest: Path) -> str:

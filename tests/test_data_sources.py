@@ -55,6 +55,31 @@ def test_a_line_that_is_not_utf8_is_a_bad_encoding_reject():
     assert "not valid UTF-8" in rows[0]["reason"]
 
 
+def test_gzipped_files_are_read_as_the_text_they_hold(tmp_path):
+    import gzip
+
+    line = json.dumps(CHAT).encode()
+    data = gzip.compress(line + b"\n\n" + b"{not json\n" + line.replace(b"Hi", b"Yo") + b"\n")
+    rows = _run("rows.jsonl.gz", data)
+    assert [(r["line"], r["error_kind"], r["format"]) for r in rows] == [
+        (1, None, "chat"),
+        (3, "bad_json", "chat"),
+        (4, None, "chat"),
+    ]
+    rows = _run("rows.json.gz", gzip.compress(b"[" + line + b"]"))
+    assert [(r["line"], r["error_kind"]) for r in rows] == [(1, None)]
+    # a torn download: one reject for the file that says why, not a crashed job
+    (row,) = _run("torn.jsonl.gz", data[: len(data) // 2])
+    assert row["error_kind"] == "bad_json" and "cannot read the file" in row["reason"]
+    # a directory lists its .gz files with the others
+    d = tmp_path / "gz"
+    d.mkdir()
+    (d / "a.jsonl.gz").write_bytes(data)
+    (d / "b.jsonl").write_bytes(line + b"\n")
+    (d / "notes.txt.gz").write_bytes(data)
+    assert [Path(f.path).name for f in sources.expand([str(d)], "")] == ["a.jsonl.gz", "b.jsonl"]
+
+
 def _files(tmp_path: Path, *names: str) -> Path:
     d = tmp_path / "d"
     d.mkdir()

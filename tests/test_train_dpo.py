@@ -88,6 +88,7 @@ def test_dpo_lora_prepare_train_restore(ray_local, tiny_model, tmp_path, monkeyp
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     losses = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     assert [s for s, _ in losses] == [1, 2, 3, 4, 5, 6]
+    assert [(r["step"], r["resumed_from"]) for r in rows if "resumed_from" in r] == [(4, 3)]
     assert losses[0][1] == pytest.approx(math.log(2), abs=1e-3)
     assert losses[-1][1] < losses[0][1] - 0.05, losses
     assert any("eval_loss" in r for r in rows)

@@ -134,6 +134,10 @@ def test_sigkilled_worker_restarts_from_last_checkpoint(
     art = train(cfg)
 
     assert (tmp_path / "killed").exists()
+    # from the step-3 checkpoint: a restart from step 0 would log these losses too
+    assert [(r["step"], r["resumed_from"]) for r in _rows(tmp_path) if "resumed_from" in r] == [
+        (4, 3)
+    ]
     losses = _losses(_rows(tmp_path))
     _assert_same(losses, ref_losses, range(1, STEPS + 1))
     assert art.summary["final_loss"] == pytest.approx(ref_losses[STEPS], rel=REL_TOL)
@@ -172,6 +176,7 @@ def test_crash_during_checkpoint_upload_then_resume_replays_exactly(
     art = train(_config(tmp_path, max_steps=8), resume=True)
     rows = _rows(tmp_path)
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 9))
+    assert [(r["step"], r["resumed_from"]) for r in rows if "resumed_from" in r] == [(4, 3)]
     assert [r["step"] for r in rows if "eval_loss" in r] == [3, 6, 8]
     resumed = _losses(rows)
     _assert_same(resumed, ref_losses, range(1, STEPS + 1))

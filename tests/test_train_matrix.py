@@ -62,6 +62,8 @@ def _check_run(run_dir, art) -> list[dict]:
     losses = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     assert (run_dir / "killed").exists(), "the worker was never killed"
     assert [s for s, _ in losses] == [1, 2, 3, 4]  # restored at step 2, nothing lost or repeated
+    # restored from checkpoint 2, not restarted from step 0 (seeded, that would log the same)
+    assert [(r["step"], r["resumed_from"]) for r in rows if "resumed_from" in r] == [(3, 2)]
     assert losses[-1][1] < losses[0][1], losses
     assert art.summary["steps"] == 4
     return rows
@@ -114,6 +116,13 @@ def test_method_x_zero_fresh_and_resumed(
     monkeypatch.setenv("RAYFT_TRAIN_FAULT", json.dumps(fault))
     art = train(cfg)
     rows = _check_run(tmp_path, art)
+    # what ran, as DeepSpeed, bitsandbytes and transformers report it in each worker
+    offloaded = ["offload_optimizer", "offload_param"] if (method, zero) == OFFLOAD else []
+    for w in json.loads((tmp_path / "workers.json").read_text()):
+        assert w["deepspeed_stage"] == (zero or None), w
+        assert w["deepspeed_offload"] == offloaded, w
+        assert w["quantized_4bit"] == (method == "qlora"), w
+        assert w["gradient_checkpointing"] == bool(extra), w
     if extra:
         _check_accumulation(tmp_path, rows)
     ids = torch.tensor([[1, 2, 3, 4, 5]])

@@ -135,6 +135,60 @@ def test_known_bad_combinations_are_explained(tmp_path, training, cluster, kind,
     assert len(found) == 1 and expected in found[0], found
 
 
+def test_a_raw_deepspeed_config_decides_the_stage(tmp_path):
+    """The stage DeepSpeed runs is the raw config's (file or mapping), never the unused
+    zero_stage key: 4-bit storage, the checks and the summary follow it."""
+    from rayft.training.driver import _worker_config
+    from rayft.training.dsconfig import zero_stage
+
+    raw = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto"}
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(raw))
+    assert zero_stage(0, str(path)) == 3 and zero_stage(2, None) == 2
+    assert zero_stage(2, {"train_batch_size": "auto"}) == 0  # no ZeRO section: no ZeRO
+    with pytest.raises(DeepSpeedConfigError, match="stage is 'three'"):
+        zero_stage(0, {"zero_optimization": {"stage": "three"}})
+    # a ZeRO-3 save gathers the weights, as with generated configs; the input stays as it was
+    z3 = deepspeed_config(0, raw_config=str(path))["zero_optimization"]
+    assert z3["stage3_gather_16bit_weights_on_model_save"] is True
+    assert (
+        "stage3_gather_16bit_weights_on_model_save"
+        not in json.loads(path.read_text())["zero_optimization"]
+    )
+
+    def refused(**training) -> list[str]:
+        return problems(JobConfig.model_validate({"training": training}), "sft")
+
+    qlora = {"method": "qlora", "quantization": {"quant_storage": "uint8"}}
+    assert "quant_storage: bfloat16" in " ".join(
+        refused(**qlora, deepspeed={"raw_config": str(path)})
+    )
+    assert refused(**qlora, deepspeed={"raw_config": {"zero_optimization": {"stage": 2}}}) == []
+    no_gather = {
+        "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": False}
+    }
+    (found,) = refused(method="full", deepspeed={"raw_config": no_gather})
+    assert "no loadable weights" in found
+    (found,) = refused(deepspeed={"raw_config": str(tmp_path / "missing.json")})
+    assert "missing.json" in found and "cannot read" in found
+
+    cfg = JobConfig.model_validate(
+        {"run_dir": str(tmp_path), "training": {"deepspeed": {"raw_config": str(path)}}}
+    )
+    ds = deepspeed_config(0, raw_config=str(path))
+    assert _worker_config(cfg, str(tmp_path), "sft", "sft", ds, False)["zero_stage"] == 3
+
+
+def test_a_tracker_that_is_not_installed_is_refused_before_any_worker(monkeypatch):
+    import sys
+
+    cfg = JobConfig.model_validate({"training": {"tracking": {"backends": ["tensorboard"]}}})
+    assert problems(cfg, "sft") == []  # a dev dependency: installed
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # what find_spec says of a missing one
+    (found,) = problems(cfg, "sft")
+    assert "tensorboard, which is not installed" in found and "pip install tensorboard" in found
+
+
 def test_good_combinations_pass():
     for training in (
         {"method": "qlora", "deepspeed": {"zero_stage": 3}},  # auto storage -> bfloat16
@@ -263,6 +317,12 @@ def test_metrics_file_replaces_the_steps_a_restored_run_replays(tmp_path):
     assert [(r["step"], r.get("loss")) for r in rows] == [
         (1, 1.0), (2, 1.0), (3, 1.0), (4, 2.0), (5, 2.0), (6, 2.0), (7, 2.0)
     ]  # fmt: skip
-    # The final summary row (no loss) at the last step written is not a replay.
+    # HF's end-of-training row (no loss) is no step's: it goes beside metrics.jsonl, whose
+    # every row keeps a loss or an eval loss (the contract).
     resumed.after_report(None, [{"rows": [{"step": 7, "train_runtime": 1.0}]}], None)
-    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 8
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 7 and all("loss" in r or "eval_loss" in r for r in rows)
+    assert json.loads((tmp_path / "train_end.json").read_text()) == {
+        "step": 7,
+        "train_runtime": 1.0,
+    }

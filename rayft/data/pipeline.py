@@ -78,6 +78,11 @@ def prepare(cfg: JobConfig) -> DataArtifacts:
         marks = [start]
         timings = {"read_validate_clean_tokenize": _lap(marks)}
         _announce_formats(facts["formats"], d.format)
+        _progress(
+            f"read, validated, cleaned and tokenized {facts['rows_in']} rows "
+            f"({len(facts['rejects'])} rejected)",
+            timings["read_validate_clean_tokenize"],
+        )
         rejects = facts["rejects"]  # the template's refusals too
         _record_rejects(rejects, data_dir, d.on_error)
         kind = _single_kind(facts["kinds"])
@@ -89,16 +94,28 @@ def prepare(cfg: JobConfig) -> DataArtifacts:
             exact_dedupe=d.dedupe.exact,
         )
         timings["dedupe"] = _lap(marks)
+        _progress(
+            f"dedupe: {len(exact)} exact and {len(near)} near duplicates among "
+            f"{len(facts['signatures'])} valid rows",
+            timings["dedupe"],
+        )
         schema = stages.SFT_SCHEMA if kind == "sft" else stages.PREFERENCE_SCHEMA
         drop = frozenset(exact | near)
         stats = _collect_tokenized(tokenized, schema, drop)
         timings["collect"] = _lap(marks)
         splits = _write_splits(tokenized, data_dir, schema, stats, drop)
         timings["write"] = _lap(marks)
+        _progress(
+            "wrote " + ", ".join(f"{s} {stats['rows'][s]} rows" for s in report.SPLITS),
+            timings["collect"] + timings["write"],
+        )
         packed, packing = {}, {}
         if kind == "sft" and d.pack:
             packed, packing = _write_packed(tokenized, data_dir, d.max_seq_len, stats, drop)
         timings["pack"] = _lap(marks)
+        if packed:
+            counts = ", ".join(f"{s} {n}" for s, n in packing["sequences"].items())
+            _progress(f"packed into {d.max_seq_len}-token sequences: {counts}", timings["pack"])
 
     data_report = {
         "rows_in": facts["rows_in"],
@@ -124,6 +141,13 @@ def prepare(cfg: JobConfig) -> DataArtifacts:
         cfg.run_path, "prepare", cfg, data_hash=stats["hash"], report=data_report, seconds=seconds
     )
     return DataArtifacts(data_dir, splits, packed, data_report)
+
+
+def _progress(what: str, seconds: float) -> None:
+    """One line when a phase ends: the driver's phases show no Ray Data progress bar."""
+    from rich.console import Console
+
+    Console().print(f"[rayft prepare] {what} ({seconds:.1f} s)", markup=False, highlight=False)
 
 
 def _lap(marks: list[float]) -> float:

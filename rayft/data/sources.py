@@ -3,12 +3,14 @@ file into raw rows that remember their file and 1-based line.
 
 Files are read whole by Ray Data (`read_binary_files`) rather than with `read_json`: a reader
 that parses for us would fail on the first bad line, and validation must see every bad line
-with its number. JSON arrays and Parquet files number their items 1, 2, ... instead of lines.
+with its number. JSON arrays and Parquet files number their items 1, 2, ... instead of lines. Gzipped JSONL and
+JSON files (.gz) are read as the text they hold.
 """
 
 from __future__ import annotations
 
 import codecs
+import gzip
 import io
 import json
 import os
@@ -24,6 +26,8 @@ from rayft.errors import RayftError
 
 UNREADABLE = "unreadable"  # the format of a file that cannot be split into rows
 DIRECTORY_SUFFIXES = (".jsonl", ".json", ".ndjson", ".parquet")
+DIRECTORY_SUFFIXES += tuple(s + ".gz" for s in DIRECTORY_SUFFIXES if s != ".parquet")
+_GZIP_MAGIC = b"\x1f\x8b"
 RAW_SCHEMA = pa.schema(
     [
         ("file", pa.string()),
@@ -130,7 +134,10 @@ def assign_files(
 
 def _items(data: bytes, path: str) -> list[tuple[int, str, str | None]]:
     """(1-based line or item number, raw JSON text, decoding error or None) of every
-    non-blank row of one file."""
+    non-blank row of one file. Gzip files (rows.jsonl.gz) are read as the file they hold, and
+    their rows numbered as its lines."""
+    if data[:2] == _GZIP_MAGIC:
+        data, path = gzip.decompress(data), path.removesuffix(".gz")
     if path.endswith(".parquet"):
         import pyarrow.parquet as pq
 
@@ -189,10 +196,11 @@ def split_files(batch: pa.Table, files: dict[str, InputFile], fmt: str) -> pa.Ta
             line = data[: e.start].count(b"\n") + 1
             items = [(line, "cannot read the file: not valid UTF-8; re-encode it as UTF-8", None)]
             file_fmt = UNREADABLE
-        except (json.JSONDecodeError, pa.ArrowInvalid) as e:
+        except (json.JSONDecodeError, pa.ArrowInvalid, OSError, EOFError) as e:
             # One reject for the whole file (at the parser's line), so fail/skip and the
             # accounting treat it like any bad row; raising here would lose the message
             # inside Ray's task error.
+            # (OSError, EOFError: a corrupt or truncated gzip file)
             line = e.lineno if isinstance(e, json.JSONDecodeError) else 1
             items, file_fmt = [(line, f"cannot read the file: {e}", None)], UNREADABLE
         for line, raw, error in items:

@@ -88,7 +88,7 @@ Fine-tuned by rayft on {time.strftime("%Y-%m-%d", time.gmtime())}.
 | base model | `{cfg.model.base}` (revision `{cfg.model.revision}`), loaded from `{base_path}` |
 | data | `{cfg.run_dir}/data` (hash `{data_hash}`), files {", ".join(cfg.data.train_files) or "-"} |
 | config hash | `{cfg.digest()}` |
-| method | {t.method}, objective {summary.get("objective")}, ZeRO stage {t.deepspeed.zero_stage} |
+| method | {t.method}, objective {summary.get("objective")}, ZeRO stage {summary.get("zero_stage", t.deepspeed.zero_stage)} |
 | LoRA | r={t.lora.r}, alpha={t.lora.alpha}, dropout={t.lora.dropout}, targets={t.lora.target_modules} |
 | schedule | {t.max_steps} steps, lr {t.learning_rate} ({t.lr_scheduler}), batch {t.per_device_batch_size} x {t.gradient_accumulation_steps} x {cfg.cluster.num_workers} workers |
 

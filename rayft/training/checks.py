@@ -3,8 +3,11 @@ minutes on a cluster and its error rarely names the cause)."""
 
 from __future__ import annotations
 
+import importlib.util
+
 from rayft.config import JobConfig
 from rayft.errors import RayftError
+from rayft.training.dsconfig import DeepSpeedConfigError, deepspeed_config, zero_stage
 
 
 class TrainConfigError(RayftError):
@@ -38,6 +41,12 @@ def problems(cfg: JobConfig, data_kind: str) -> list[str]:
             "training.precision=fp16 needs a GPU (no fp16 autocast/grad scaling on CPU): use "
             "fp32 or auto on CPU, or set cluster.use_gpu: true"
         )
+    for backend in t.tracking.backends:
+        if importlib.util.find_spec(backend) is None:
+            out.append(
+                f"training.tracking.backends lists {backend}, which is not installed here: "
+                f"pip install {backend} (or rayft[tracking]), or leave it out"
+            )
     if ds.raw_config is None:
         if ds.offload_params and ds.zero_stage != 3:
             out.append(
@@ -49,7 +58,20 @@ def problems(cfg: JobConfig, data_kind: str) -> list[str]:
                 "training.deepspeed.offload_optimizer needs zero_stage >= 1: without ZeRO the "
                 "optimizer state is not managed by DeepSpeed"
             )
-    zero3 = ds.zero_stage == 3 or _raw_stage(ds.raw_config) == 3
+    try:
+        stage = zero_stage(ds.zero_stage, ds.raw_config)
+    except DeepSpeedConfigError as e:
+        out.append(str(e))
+        stage = ds.zero_stage
+    zero3 = stage == 3
+    if zero3 and t.method == "full" and ds.raw_config is not None:
+        gather = (deepspeed_config(3, raw_config=ds.raw_config) or {})["zero_optimization"]
+        if not gather.get("stage3_gather_16bit_weights_on_model_save"):
+            out.append(
+                "training.method=full with a raw ZeRO-3 config whose "
+                "stage3_gather_16bit_weights_on_model_save is false: the saved model would hold "
+                "only this rank's partition, no loadable weights; set it true"
+            )
     if t.method == "qlora":
         if zero3 and q.quant_storage == "uint8":
             out.append(
@@ -79,9 +101,3 @@ def refuse_bad_combinations(cfg: JobConfig, data_kind: str) -> None:
     if found:
         lines = "\n".join(f"  - {p}" for p in found)
         raise TrainConfigError(f"refusing to start training ({cfg.name}):\n{lines}")
-
-
-def _raw_stage(raw: object) -> int | None:
-    if isinstance(raw, dict):
-        return raw.get("zero_optimization", {}).get("stage")
-    return None

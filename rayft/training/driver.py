@@ -19,9 +19,9 @@ from rayft.errors import RayftError
 from rayft.training.artifacts import export_model, read_metrics, summarize, write_card
 from rayft.training.checks import TrainConfigError, objective_for, refuse_bad_combinations
 from rayft.training.data import data_kind, read_splits
-from rayft.training.dsconfig import deepspeed_config
+from rayft.training.dsconfig import deepspeed_config, zero_stage
 from rayft.training.flops import flops_per_token, mfu, parameter_count
-from rayft.training.report import MetricsFile
+from rayft.training.report import END_ROW, MetricsFile
 from rayft.training.worker import train_loop_per_worker
 
 
@@ -52,6 +52,7 @@ def train(cfg: JobConfig, resume: bool = False) -> TrainArtifacts:
         t.deepspeed.offload_params,
         t.deepspeed.raw_config,
     )
+    stage = zero_stage(t.deepspeed.zero_stage, t.deepspeed.raw_config)
     base_path = models.resolve(cfg.model.base, cfg.model.revision)
     storage = cfg.cluster.storage_path or str(run_dir / "checkpoints")
     _check_resume(storage, cfg.name, resume)
@@ -68,7 +69,7 @@ def train(cfg: JobConfig, resume: bool = False) -> TrainArtifacts:
         ))  # fmt: skip
         print(
             f"[rayft train] {cfg.name}: {t.method} {objective} on {cfg.model.base}, "
-            f"{cfg.cluster.num_workers} workers, ZeRO {t.deepspeed.zero_stage}, "
+            f"{cfg.cluster.num_workers} workers, ZeRO {stage}, "
             f"{t.max_steps} steps{' (resuming)' if resume else ''}",
             flush=True,
         )
@@ -81,12 +82,12 @@ def train(cfg: JobConfig, resume: bool = False) -> TrainArtifacts:
     with result.checkpoint.as_directory() as ckpt:
         export_model(Path(ckpt), out_dir, base_path, peft)
     summary = summarize(
-        [r for r in read_metrics(metrics_path) if r.get("time", 0) >= session_start],
+        [r for r in _session_rows(run_dir, metrics_path) if r.get("time", 0) >= session_start],
         wall,
         method=t.method,
         objective=objective,
         num_workers=cfg.cluster.num_workers,
-        zero_stage=t.deepspeed.zero_stage,
+        zero_stage=stage,
         checkpoint=result.checkpoint.path,
         workers=_workers(run_dir),
     )
@@ -163,7 +164,7 @@ def _worker_config(
         "kind": kind,
         "lora": t.lora.model_dump(),
         "quant": t.quantization.model_dump(),
-        "zero_stage": t.deepspeed.zero_stage,
+        "zero_stage": zero_stage(t.deepspeed.zero_stage, t.deepspeed.raw_config),
         "ds_config": ds_config,
         "use_gpu": c.use_gpu,
         "precision": precision,
@@ -176,6 +177,12 @@ def _worker_config(
         "fault": _fault_from_env(),
         "tracking_env": _tracking_env(cfg),
     }
+
+
+def _session_rows(run_dir: Path, metrics_path: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl's rows, then HF's end-of-training row (its runtime times tokens/s)."""
+    end = run_dir / END_ROW
+    return read_metrics(metrics_path) + ([json.loads(end.read_text())] if end.exists() else [])
 
 
 def _tracking_env(cfg: JobConfig) -> dict[str, str]:

@@ -6,6 +6,7 @@ arguments, so the two can never disagree.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,13 @@ def deepspeed_config(
 ) -> dict[str, Any] | None:
     """The DeepSpeed config dict for the HF Trainer, or None for plain DDP (stage 0, no raw)."""
     if raw_config is not None:
-        return _read_raw(raw_config)
+        config = copy.deepcopy(_read_raw(raw_config))
+        zero = config.get("zero_optimization")
+        if isinstance(zero, dict) and zero.get("stage") == 3:
+            # As in the generated configs: without the gather a ZeRO-3 save writes no weights.
+            # An expert who sets it false keeps that (checks refuse it for full fine-tuning).
+            zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
+        return config
     if zero_stage == 0:
         return None
     zero: dict[str, Any] = {
@@ -52,12 +59,28 @@ def deepspeed_config(
     }
 
 
+def zero_stage(stage: int, raw_config: str | dict[str, Any] | None) -> int:
+    """The ZeRO stage the run trains with: a raw config's own (0 without a zero_optimization
+    section), else `stage`. Decisions that depend on the stage (4-bit storage, device maps,
+    what a save writes) must follow the config DeepSpeed is given, not the unused key."""
+    if raw_config is None:
+        return stage
+    zero = _read_raw(raw_config).get("zero_optimization") or {}
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else None
+    if stage not in (0, 1, 2, 3):
+        raise DeepSpeedConfigError(
+            f"training.deepspeed.raw_config: zero_optimization.stage is {stage!r}; "
+            "DeepSpeed knows stages 0, 1, 2 and 3"
+        )
+    return stage
+
+
 def _read_raw(raw: str | dict[str, Any]) -> dict[str, Any]:
     if isinstance(raw, dict):
         return raw
     path = Path(raw).expanduser()
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except OSError as e:
         raise DeepSpeedConfigError(
             f"training.deepspeed.raw_config: cannot read {path} ({e.strerror}); give a JSON file "
@@ -67,3 +90,9 @@ def _read_raw(raw: str | dict[str, Any]) -> dict[str, Any]:
         raise DeepSpeedConfigError(
             f"{path}:{e.lineno}: training.deepspeed.raw_config is not valid JSON: {e.msg}"
         ) from e
+    if not isinstance(config, dict):
+        raise DeepSpeedConfigError(
+            f"{path}: training.deepspeed.raw_config must hold a JSON object, not "
+            f"{type(config).__name__}"
+        )
+    return config

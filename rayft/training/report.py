@@ -44,6 +44,8 @@ class RayReport(TrainerCallback):
         self.objective = objective
         self.last: dict[str, float] = {}
         self.rows: list[dict[str, Any]] = []  # logged since the last report
+        self.resumed_from: int | None = None  # the checkpoint's step, until the first row
+        self.engine: dict[str, Any] = {}  # what the worker trains with, for workers.json
         self.t0 = time.perf_counter()
         self.tokens0: int | None = None
         self.tokens_seen = 0
@@ -51,9 +53,20 @@ class RayReport(TrainerCallback):
         self.node_id = ray.get_runtime_context().get_node_id()
         self.device = _device_name()
 
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.engine = _engine(model)
+        # HF has loaded the checkpoint's trainer state by now: a step above 0 is a resume.
+        if state.global_step:
+            self.resumed_from = state.global_step
+            if self.rank == 0:
+                print(f"[rayft train] resumed from the checkpoint of step {state.global_step}")
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = dict(logs or {})
         row: dict[str, Any] = {"step": state.global_step, "time": time.time()}
+        if self.resumed_from is not None:  # the first row after a restore says where from
+            row["resumed_from"] = self.resumed_from
+            self.resumed_from = None
         row.update({k: float(v) for k, v in logs.items() if isinstance(v, (int, float))})
         if "eval_loss" in row and self.objective == "sft":
             # Perplexity is exp(mean token NLL): an SFT loss. A DPO loss is a pairwise
@@ -88,6 +101,7 @@ class RayReport(TrainerCallback):
         losses at top level: Ray Train keeps the N best checkpoints by `eval_loss`."""
         rows, self.rows = self.rows, []
         metrics = {"event": event, "rows": rows, "node_id": self.node_id, "device": self.device}
+        metrics["engine"] = self.engine
         if step is not None:
             metrics.update(self.last, step=step)
         ray.train.report(metrics, **checkpoint)
@@ -115,6 +129,38 @@ class RayReport(TrainerCallback):
             checkpoint_dir_name=name,
             checkpoint_upload_fn=upload_fn,
         )
+
+
+def _engine(model: Any) -> dict[str, Any]:
+    """What this worker's training really runs with, as the libraries report it (not as the
+    config asked): the DeepSpeed stage and offload accelerate set up, 4-bit layers in the
+    model, gradient checkpointing switched on."""
+    from accelerate.state import AcceleratorState, DistributedType
+
+    state = AcceleratorState()
+    zero: dict[str, Any] = {}
+    if state.distributed_type == DistributedType.DEEPSPEED:
+        zero = state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+    modules = list(model.modules()) if model is not None else []
+    return {
+        "deepspeed_stage": zero.get("stage") if zero else None,
+        "deepspeed_offload": sorted(
+            k
+            for k in ("offload_optimizer", "offload_param")
+            if (zero.get(k) or {}).get("device") not in (None, "none")
+        ),
+        "quantized_4bit": any(type(m).__name__ == "Linear4bit" for m in modules),
+        "gradient_checkpointing": _checkpointing(model),
+    }
+
+
+def _checkpointing(model: Any) -> bool:
+    # transformers 5 renamed is_gradient_checkpointing (deprecated) to is_activation_checkpointing
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        flag = getattr(model, name, None)
+        if flag is not None:
+            return bool(flag)
+    return False
 
 
 def _device_name() -> str:
@@ -154,6 +200,9 @@ def _half_upload_then_die(dest_root: str, name: str):
     return upload
 
 
+END_ROW = "train_end.json"  # under the run dir: HF's statistics of the whole training
+
+
 class MetricsFile(ray.train.UserCallback):
     """Append rank 0's logged metrics to metrics.jsonl; record which nodes the workers ran on."""
 
@@ -164,6 +213,14 @@ class MetricsFile(ray.train.UserCallback):
         self.last_step: int | None = None  # the highest step in metrics.jsonl
 
     def _append(self, rows: list[dict[str, Any]]) -> None:
+        # HF's end-of-training row (runtime, mean loss) is no step's: train_summary.json reads
+        # it from END_ROW, and every row of metrics.jsonl has a `loss` or an `eval_loss`.
+        for row in rows:
+            if "loss" not in row and "eval_loss" not in row:
+                (Path(self.run_dir) / END_ROW).write_text(json.dumps(row) + "\n")
+        rows = [r for r in rows if "loss" in r or "eval_loss" in r]
+        if not rows:
+            return
         path = Path(self.run_dir) / "metrics.jsonl"
         if self.last_step is None:
             self.last_step = max((r["step"] for r in read_metrics(path)), default=0)
@@ -185,7 +242,12 @@ class MetricsFile(ray.train.UserCallback):
         run_dir = Path(self.run_dir)
         if not self.nodes_written and all("node_id" in m for m in metrics):
             nodes = [
-                {"rank": i, "node_id": m["node_id"], "device": m.get("device", "cpu")}
+                {
+                    "rank": i,
+                    "node_id": m["node_id"],
+                    "device": m.get("device", "cpu"),
+                    **m.get("engine", {}),
+                }
                 for i, m in enumerate(metrics)
             ]
             (run_dir / "workers.json").write_text(json.dumps(nodes, indent=2) + "\n")
