@@ -68,20 +68,11 @@ def per_row_work(model_path: str, path: Path, sample: int) -> dict[str, float]:
     however little Ray and the driver cost."""
     import pyarrow as pa
 
-    from rayft.config import DataConfig
-    from rayft.data import sources, stages
+    from rayft.data import pipeline, sources, stages
 
-    d = DataConfig(train_files=[str(path)])  # the defaults, as the timed run uses them
+    d = _config(path.parent, [str(path)], 512).data  # as the timed run is configured
     (f,), _ = sources.assign_files([str(path)], [], [])
-    clean = {
-        "normalize": d.normalize,
-        "pii_types": list(d.pii.types) if d.pii.enabled else [],
-        "num_perm": d.dedupe.num_perm,
-        "shingle_size": d.dedupe.shingle_size,
-        "near": d.dedupe.near,
-    }
-    tok = {"model_path": model_path, "assistant_only": d.assistant_only_loss, "max_len": 512}
-    tok |= {"overlength": d.overlength, "validation": 0.1, "test": 0.1, "seed": 0}
+    clean, tok = pipeline.clean_args(d), pipeline.tokenize_args(d, model_path)
     lines = path.open("rb").readlines()
 
     def rows(n: int) -> pa.Table:

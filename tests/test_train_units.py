@@ -144,10 +144,12 @@ def test_a_raw_deepspeed_config_decides_the_stage(tmp_path):
     raw = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto"}
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(raw))
-    assert zero_stage(0, str(path)) == 3 and zero_stage(2, None) == 2
-    assert zero_stage(2, {"train_batch_size": "auto"}) == 0  # no ZeRO section: no ZeRO
+    assert zero_stage(deepspeed_config(0, raw_config=str(path))) == 3
+    assert zero_stage(deepspeed_config(2)) == 2 and zero_stage(deepspeed_config(0)) == 0
+    # no ZeRO section: no ZeRO
+    assert zero_stage(deepspeed_config(2, raw_config={"train_batch_size": "auto"})) == 0
     with pytest.raises(DeepSpeedConfigError, match="stage is 'three'"):
-        zero_stage(0, {"zero_optimization": {"stage": "three"}})
+        zero_stage(deepspeed_config(0, raw_config={"zero_optimization": {"stage": "three"}}))
     # a ZeRO-3 save gathers the weights, as with generated configs; the input stays as it was
     z3 = deepspeed_config(0, raw_config=str(path))["zero_optimization"]
     assert z3["stage3_gather_16bit_weights_on_model_save"] is True

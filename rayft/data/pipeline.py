@@ -204,30 +204,40 @@ def _read_clean_tokenize(files: list[sources.InputFile], d: DataConfig, model_pa
             stages.validate_clean,
             batch_size=d.batch_size,
             batch_format="pyarrow",
-            fn_kwargs={
-                "normalize": d.normalize,
-                "pii_types": list(d.pii.types) if d.pii.enabled else [],
-                "num_perm": d.dedupe.num_perm,
-                "shingle_size": d.dedupe.shingle_size,
-                "near": d.dedupe.near,
-            },
+            fn_kwargs=clean_args(d),
         )
         .map_batches(
             stages.tokenize,
             batch_size=d.batch_size,
             batch_format="pyarrow",
-            fn_kwargs={
-                "model_path": model_path,
-                "assistant_only": d.assistant_only_loss,
-                "max_len": d.max_seq_len,
-                "overlength": d.overlength,
-                # explicit held-out files replace the fractions
-                "validation": 0.0 if d.validation_files else d.split.validation,
-                "test": 0.0 if d.test_files else d.split.test,
-                "seed": d.split.seed,
-            },
+            fn_kwargs=tokenize_args(d, model_path),
         )
     )
+
+
+def clean_args(d: DataConfig) -> dict[str, Any]:
+    """The arguments of `stages.validate_clean` for data config `d`."""
+    return {
+        "normalize": d.normalize,
+        "pii_types": list(d.pii.types) if d.pii.enabled else [],
+        "num_perm": d.dedupe.num_perm,
+        "shingle_size": d.dedupe.shingle_size,
+        "near": d.dedupe.near,
+    }
+
+
+def tokenize_args(d: DataConfig, model_path: str) -> dict[str, Any]:
+    """The arguments of `stages.tokenize` for data config `d`."""
+    return {
+        "model_path": model_path,
+        "assistant_only": d.assistant_only_loss,
+        "max_len": d.max_seq_len,
+        "overlength": d.overlength,
+        # explicit held-out files replace the fractions
+        "validation": 0.0 if d.validation_files else d.split.validation,
+        "test": 0.0 if d.test_files else d.split.test,
+        "seed": d.split.seed,
+    }
 
 
 def _collect_cleaned(ds) -> dict[str, Any]:

@@ -3,8 +3,8 @@ file into raw rows that remember their file and 1-based line.
 
 Files are read whole by Ray Data (`read_binary_files`) rather than with `read_json`: a reader
 that parses for us would fail on the first bad line, and validation must see every bad line
-with its number. JSON arrays and Parquet files number their items 1, 2, ... instead of lines. Gzipped JSONL and
-JSON files (.gz) are read as the text they hold.
+with its number. JSON arrays and Parquet files number their items 1, 2, ... instead of lines.
+Gzipped JSONL and JSON files (.gz) are read as the text they hold.
 """
 
 from __future__ import annotations
@@ -199,8 +199,7 @@ def split_files(batch: pa.Table, files: dict[str, InputFile], fmt: str) -> pa.Ta
         except (json.JSONDecodeError, pa.ArrowInvalid, OSError, EOFError) as e:
             # One reject for the whole file (at the parser's line), so fail/skip and the
             # accounting treat it like any bad row; raising here would lose the message
-            # inside Ray's task error.
-            # (OSError, EOFError: a corrupt or truncated gzip file)
+            # inside Ray's task error. OSError and EOFError: a corrupt or truncated gzip file.
             line = e.lineno if isinstance(e, json.JSONDecodeError) else 1
             items, file_fmt = [(line, f"cannot read the file: {e}", None)], UNREADABLE
         for line, raw, error in items:

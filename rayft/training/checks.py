@@ -59,19 +59,24 @@ def problems(cfg: JobConfig, data_kind: str) -> list[str]:
                 "optimizer state is not managed by DeepSpeed"
             )
     try:
-        stage = zero_stage(ds.zero_stage, ds.raw_config)
+        config = deepspeed_config(
+            ds.zero_stage, ds.offload_optimizer, ds.offload_params, ds.raw_config
+        )
+        stage = zero_stage(config)
     except DeepSpeedConfigError as e:
         out.append(str(e))
-        stage = ds.zero_stage
+        config, stage = None, ds.zero_stage
     zero3 = stage == 3
-    if zero3 and t.method == "full" and ds.raw_config is not None:
-        gather = (deepspeed_config(3, raw_config=ds.raw_config) or {})["zero_optimization"]
-        if not gather.get("stage3_gather_16bit_weights_on_model_save"):
-            out.append(
-                "training.method=full with a raw ZeRO-3 config whose "
-                "stage3_gather_16bit_weights_on_model_save is false: the saved model would hold "
-                "only this rank's partition, no loadable weights; set it true"
-            )
+    # a generated ZeRO-3 config always gathers: only a raw one can say false
+    gathers = config is None or (config.get("zero_optimization") or {}).get(
+        "stage3_gather_16bit_weights_on_model_save"
+    )
+    if zero3 and t.method == "full" and not gathers:
+        out.append(
+            "training.method=full with a raw ZeRO-3 config whose "
+            "stage3_gather_16bit_weights_on_model_save is false: the saved model would hold "
+            "only this rank's partition, no loadable weights; set it true"
+        )
     if t.method == "qlora":
         if zero3 and q.quant_storage == "uint8":
             out.append(

@@ -52,7 +52,7 @@ def train(cfg: JobConfig, resume: bool = False) -> TrainArtifacts:
         t.deepspeed.offload_params,
         t.deepspeed.raw_config,
     )
-    stage = zero_stage(t.deepspeed.zero_stage, t.deepspeed.raw_config)
+    stage = zero_stage(ds_config)
     base_path = models.resolve(cfg.model.base, cfg.model.revision)
     storage = cfg.cluster.storage_path or str(run_dir / "checkpoints")
     _check_resume(storage, cfg.name, resume)
@@ -164,7 +164,7 @@ def _worker_config(
         "kind": kind,
         "lora": t.lora.model_dump(),
         "quant": t.quantization.model_dump(),
-        "zero_stage": zero_stage(t.deepspeed.zero_stage, t.deepspeed.raw_config),
+        "zero_stage": zero_stage(ds_config),
         "ds_config": ds_config,
         "use_gpu": c.use_gpu,
         "precision": precision,

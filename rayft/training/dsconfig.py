@@ -59,13 +59,14 @@ def deepspeed_config(
     }
 
 
-def zero_stage(stage: int, raw_config: str | dict[str, Any] | None) -> int:
-    """The ZeRO stage the run trains with: a raw config's own (0 without a zero_optimization
-    section), else `stage`. Decisions that depend on the stage (4-bit storage, device maps,
-    what a save writes) must follow the config DeepSpeed is given, not the unused key."""
-    if raw_config is None:
-        return stage
-    zero = _read_raw(raw_config).get("zero_optimization") or {}
+def zero_stage(config: dict[str, Any] | None) -> int:
+    """The ZeRO stage of `config`, a `deepspeed_config` result (None: plain DDP, 0; 0 without a
+    zero_optimization section). Decisions that depend on the stage (4-bit storage, device
+    maps, what a save writes) must follow the config DeepSpeed is given, which for a raw
+    config is not the unused zero_stage key."""
+    if config is None:
+        return 0
+    zero = config.get("zero_optimization") or {}
     stage = zero.get("stage", 0) if isinstance(zero, dict) else None
     if stage not in (0, 1, 2, 3):
         raise DeepSpeedConfigError(
