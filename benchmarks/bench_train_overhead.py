@@ -70,13 +70,14 @@ def plain_loop(run_dir: Path, steps: int) -> tuple[float, float]:
     from rayft import models
     from rayft.training.data import collate_padding_free, features
     from rayft.training.driver import _worker_config
-    from rayft.training.model import adapter_config, compute_dtype, load_base
+    from rayft.training.facts import resolve
+    from rayft.training.model import adapter_config, load_base
     from rayft.training.worker import _read_own_shard, _training_args
 
     torch.set_num_threads(THREADS)  # what Ray sets in a worker with THREADS CPUs
     cfg = _config(run_dir, steps)
     base = models.resolve("tiny-llama")
-    wc = _worker_config(cfg, base, "sft", "sft", None, has_val=False)
+    wc = _worker_config(cfg, resolve(cfg, None, base), "sft", "sft", None, has_val=False)
     table = pads.dataset(run_dir / "data" / "packed" / "train.parquet").to_table()
     rows = table.select(["input_ids", "labels", "position_ids"]).to_pylist()
 
@@ -93,7 +94,7 @@ def plain_loop(run_dir: Path, steps: int) -> tuple[float, float]:
     args = _training_args("sft", wc, tempfile.mkdtemp(prefix="bench-plain-"))
     args.save_strategy = "no"
     tok = AutoTokenizer.from_pretrained(base)
-    model = load_base(base, "lora", compute_dtype("auto", False), wc["quant"], 0, False)
+    model = load_base(base, wc["facts"], use_gpu=False)
     trainer = SFTTrainer(
         model=model,
         args=args,

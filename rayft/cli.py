@@ -7,6 +7,7 @@ importing torch and Ray.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -73,25 +74,24 @@ def cmd_models_pull(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_prepare(args: argparse.Namespace) -> int:
-    from rayft.data import prepare
+def _stage(module: str, function: str, **options: str):
+    """The command of a stage: `function` of `module` (imported only when it runs: torch and
+    Ray are slow to import) on the loaded job file, with `options` (parameter -> CLI flag)."""
 
-    prepare(_load(args))
-    return 0
+    def command(args: argparse.Namespace) -> int:
+        run = getattr(importlib.import_module(module), function)
+        run(_load(args), **{name: getattr(args, flag) for name, flag in options.items()})
+        return 0
 
-
-def cmd_train(args: argparse.Namespace) -> int:
-    from rayft.training import train
-
-    train(_load(args), resume=args.resume)
-    return 0
+    return command
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from rayft.evaluation import evaluate
-
-    evaluate(_load(args))
-    return 0
+cmd_prepare = _stage("rayft.data", "prepare")
+cmd_train = _stage("rayft.training", "train", resume="resume")
+cmd_eval = _stage("rayft.evaluation", "evaluate")
+cmd_serve = _stage("rayft.serving", "serve")
+cmd_merge = _stage("rayft.export", "merge")
+cmd_export = _stage("rayft.export", "export", fmt="format")
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
@@ -104,33 +104,12 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from rayft.serving import serve
-
-    serve(_load(args))
-    return 0
-
-
 def cmd_ab_report(args: argparse.Namespace) -> int:
     from rayft.serving import ab_report
 
     report = ab_report(_load(args), experiment=args.experiment)
     if args.json:
         print(json.dumps(report, indent=2))
-    return 0
-
-
-def cmd_merge(args: argparse.Namespace) -> int:
-    from rayft.export import merge
-
-    merge(_load(args))
-    return 0
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    from rayft.export import export
-
-    export(_load(args), fmt=args.format)
     return 0
 
 
@@ -199,27 +178,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rayft", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("prepare", help="validate, clean, split, tokenize and pack the data")
-    _config_args(p)
-    p.set_defaults(func=cmd_prepare)
+    def stage(name: str, help: str, func, required: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        _config_args(p, required=required)
+        p.set_defaults(func=func)
+        return p
 
-    p = sub.add_parser("train", help="fine-tune on Ray Train")
-    _config_args(p)
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("eval", help="compare base and fine-tuned models on the test split")
-    _config_args(p)
-    p.set_defaults(func=cmd_eval)
-
-    p = sub.add_parser("quickstart", help="the whole loop on the embedded default model")
-    _config_args(p, required=False)
-    p.add_argument("--resume", action="store_true", help="continue an interrupted quickstart")
-    p.set_defaults(func=cmd_quickstart)
-
-    p = sub.add_parser("serve", help="OpenAI-compatible API on Ray Serve")
-    _config_args(p)
-    p.set_defaults(func=cmd_serve)
+    stage("prepare", "validate, clean, split, tokenize and pack the data", cmd_prepare)
+    stage("train", "fine-tune on Ray Train", cmd_train).add_argument(
+        "--resume", action="store_true", help="continue from the latest checkpoint"
+    )
+    stage("eval", "compare base and fine-tuned models on the test split", cmd_eval)
+    stage(
+        "quickstart", "the whole loop on the embedded default model", cmd_quickstart, False
+    ).add_argument("--resume", action="store_true", help="continue an interrupted quickstart")
+    stage("serve", "OpenAI-compatible API on Ray Serve", cmd_serve)
 
     p = sub.add_parser("ab", help="A/B experiments").add_subparsers(dest="ab", required=True)
     r = p.add_parser("report", help="per-arm win rates and ratings with CIs")
@@ -228,14 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print the report as JSON")
     r.set_defaults(func=cmd_ab_report)
 
-    p = sub.add_parser("merge", help="merge the adapter into the base; verify")
-    _config_args(p)
-    p.set_defaults(func=cmd_merge)
-
-    p = sub.add_parser("export", help="export the merged model (GGUF); verify")
-    _config_args(p)
-    p.add_argument("--format", default="gguf", choices=["gguf"], help="export format")
-    p.set_defaults(func=cmd_export)
+    stage("merge", "merge the adapter into the base; verify", cmd_merge)
+    stage("export", "export the merged model (GGUF); verify", cmd_export).add_argument(
+        "--format", default="gguf", choices=["gguf"], help="export format"
+    )
 
     p = sub.add_parser("config", help="job files").add_subparsers(dest="cfg", required=True)
     s = p.add_parser("show", help="print the resolved config")

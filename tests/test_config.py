@@ -1,7 +1,7 @@
 import pytest
 
 from rayft.cli import main
-from rayft.config import ConfigError, JobConfig, field_help, load_config
+from rayft.config import VLLM_LORA_RANKS, ConfigError, JobConfig, field_help, load_config
 
 
 def write(tmp_path, text):
@@ -68,3 +68,33 @@ def test_config_show_cli(tmp_path, capsys):
     assert "name: demo" in out and "method: dora" in out
     assert main(["config", "show", str(write(tmp_path, "nme: x\n"))]) == 2
     assert "did you mean 'name'" in capsys.readouterr().err
+
+
+def test_vllm_takes_only_the_lora_ranks_vllm_accepts(tmp_path):
+    p = write(tmp_path, "serve:\n  engine: vllm\n  max_lora_rank: 48\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert "serve.max_lora_rank=48" in str(e.value)
+    assert "1, 8, 16, 32, 64, 128, 256, 320, 512" in str(e.value)
+    assert load_config(p, ["serve.max_lora_rank=320"]).serve.max_lora_rank == 320
+    # The transformers engine pads any rank.
+    assert load_config(p, ["serve.engine=transformers"]).serve.max_lora_rank == 48
+
+
+def test_vllm_replicas_get_a_gpu_unless_told_none(tmp_path):
+    p = write(tmp_path, "serve:\n  engine: vllm\n")
+    assert load_config(p).serve.gpus_per_replica == 1
+    assert load_config(p, ["serve.gpus_per_replica=2"]).serve.gpus_per_replica == 2
+    assert load_config(None).serve.gpus_per_replica == 0  # transformers runs on CPU
+    for gpus in ("0", "0.5"):
+        with pytest.raises(ConfigError, match=f"serve.gpus_per_replica={gpus} with serve.engine"):
+            load_config(p, [f"serve.gpus_per_replica={gpus}"])
+    (help_text,) = [d for k, _, d in field_help() if k == "serve.gpus_per_replica"]
+    assert "vllm it defaults to 1" in help_text
+
+
+def test_vllm_lora_ranks_are_vllms_own():
+    from typing import get_args
+
+    lora = pytest.importorskip("vllm.config.lora")  # on the GPU image
+    assert get_args(lora.MaxLoRARanks) == VLLM_LORA_RANKS

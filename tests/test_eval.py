@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from test_serve_units import make_adapter
 
 from rayft import cli
 from rayft.evaluation.judge import judge_pairs, parse_verdict
@@ -294,3 +295,8 @@ def test_eval_errors_say_what_to_do(tmp_path, tiny_model):
     with pytest.raises(EvalError, match="run `rayft train`.*or remove 'adapter'"):
         evaluate(load_config(path))
     assert cli.main(["eval", str(path)]) == 2  # the CLI prints the message, no traceback
+    # An adapter the server would refuse has no served answers to score: refused before Ray.
+    make_adapter(tiny_model, tmp_path / "adapter", seed=0, r=8)
+    cfg = load_config(path, ["serve.max_lora_rank=4"])
+    with pytest.raises(EvalError, match=r"'adapter': .*rank 8 is above serve.max_lora_rank=4"):
+        evaluate(cfg)

@@ -1,4 +1,5 @@
-"""The Ray Data callable class of eval, called in-process: NLL, left padding, sampling seed."""
+"""The Ray Data callable class of eval, called in-process: NLL, left padding, sampling seed,
+adapter arms (LoRA and DoRA) scored with the adapter the engine serves."""
 
 from __future__ import annotations
 
@@ -7,14 +8,16 @@ import json
 import numpy as np
 import pytest
 import torch
+from test_serve_units import make_adapter, native_answer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from rayft.adapters import fingerprint
 from rayft.evaluation.generate import ArmRunner
 
 
-def _runner(model: str, **kw) -> ArmRunner:
+def _runner(model: str, adapter=None, **kw) -> ArmRunner:
     args = {"max_new_tokens": 10, "do_sample": False, "temperature": 1.0, "seed": 0, **kw}
-    return ArmRunner(model, None, model, **args)
+    return ArmRunner(model, adapter, max_lora_rank=64, **args)
 
 
 def _batch(prompts: list[str], refs: list[str], kinds: list[str] | None = None) -> dict:
@@ -80,3 +83,31 @@ def test_sampling_is_seeded(tiny_model):
     greedy = _runner(tiny_model)(batch)["answer"]
     assert list(first) == list(again)
     assert list(first) != list(other) and list(first) != list(greedy)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_adapter_arm_answers_and_scores_with_its_adapter(tiny_model, tmp_path, dora):
+    """The NLL pass must see the adapter the answers came from: LoRA layers run through the
+    engine's batched hooks and DoRA through its merged copy, neither of which `engine.model`
+    alone applies."""
+    from peft import PeftModel
+
+    path = make_adapter(tiny_model, tmp_path / "a", seed=5, dora=dora)
+    prompts, refs = ["where is my order?", "refund please"], ["it shipped", "done"]
+    out = _runner(tiny_model, fingerprint("a", path))(_batch(prompts, refs))
+    base = _runner(tiny_model)(_batch(prompts, refs))
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), path)
+    for i, (q, a) in enumerate(zip(prompts, refs, strict=True)):
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False
+        )
+        p = tok(text, add_special_tokens=False)["input_ids"]
+        t = tok(a, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            mean = model.eval()(
+                input_ids=torch.tensor([p + t]), labels=torch.tensor([[-100] * len(p) + t])
+            ).loss.item()
+        assert out["nll_sum"][i] == pytest.approx(mean * len(t), rel=1e-4)
+        assert out["nll_sum"][i] != pytest.approx(base["nll_sum"][i], rel=1e-3)
+        assert out["answer"][i] == native_answer(tiny_model, path, p, 10)

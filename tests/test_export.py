@@ -15,6 +15,7 @@ import yaml
 from rayft.config import JobConfig
 from rayft.export import ExportError, VerificationError, export, merge
 from rayft.manifest import read_manifest, record_stage
+from rayft.training.facts import MissingFactsError
 
 RANK, ALPHA = 8, 16
 
@@ -45,6 +46,7 @@ def _make_adapter(base: str, dest: Path, kind: str) -> None:
         use_dora=kind == "dora",
         task_type="CAUSAL_LM",
     )
+    torch.manual_seed(0)  # lora_A's initialisation: the same adapters, and GGUF losses, every run
     peft_model = get_peft_model(model, lora)
     gen = torch.Generator().manual_seed(1)
     for name, param in peft_model.named_parameters():
@@ -75,6 +77,16 @@ def _run(tmp_path: Path, adapter: Path | None, base: str, method: str, **export)
     )
 
 
+def _record_train(cfg: JobConfig, **changes) -> dict:
+    """run.json's train stage as `rayft train` records it for `cfg`; `changes` replace facts."""
+    from rayft.training.facts import for_config, tokenizer_facts
+
+    base = cfg.model.base
+    facts = {**for_config(cfg, base), "tokenizer": tokenizer_facts(Path(base), cfg.run_path)}
+    record_stage(cfg.run_path, "train", cfg, steps=3, facts={**facts, **changes})
+    return facts
+
+
 def _logits(model, text_ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
         return model(torch.tensor([text_ids])).logits[0]
@@ -100,7 +112,7 @@ def test_merge_lora_via_cli_writes_verified_sharded_model_with_card(tmp_path, ti
 
     cfg = _run(tmp_path, adapters["lora"], tiny_model, "lora")
     record_stage(cfg.run_path, "prepare", cfg, data_hash="d47a0123")
-    record_stage(cfg.run_path, "train", cfg, steps=3)
+    _record_train(cfg)
     (cfg.run_path / "eval").mkdir()
     (cfg.run_path / "eval" / "report.json").write_text(json.dumps({"summary": {"win_rate": 0.61}}))
     job = tmp_path / "job.yaml"
@@ -135,6 +147,9 @@ def test_merge_lora_via_cli_writes_verified_sharded_model_with_card(tmp_path, ti
     stage = read_manifest(cfg.run_path)["stages"]["merge"]
     assert stage["verification"]["passed"] and stage["verification"]["top1_agreement"] == 1.0
     assert stage["shards"] == [p.name for p in shards]
+    assert stage["facts_from"] == "train"
+    # generation stops where the recorded template ends an answer (ChatML's <|im_end|>)
+    assert merged.generation_config.eos_token_id == [tok.convert_tokens_to_ids("<|im_end|>")]
 
 
 def test_merge_dora(tmp_path, tiny_model, adapters):
@@ -185,23 +200,40 @@ def test_merge_into_tied_embeddings_unties_them(tmp_path, tiny_model):
     assert read_manifest(cfg.run_path)["stages"]["merge"]["untied_embeddings"] is True
 
 
-@pytest.mark.parametrize("zero_stage", [0, 3])
-def test_merge_qlora_targets_the_dequantized_4bit_base(tmp_path, tiny_model, adapters, zero_stage):
+RAW_ZERO3 = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto"}
+
+
+@pytest.mark.parametrize("trained", ["config-z0", "config-z3", "recorded-raw-z3"])
+def test_merge_qlora_targets_the_dequantized_4bit_base(
+    tmp_path, tiny_model, adapters, trained, capsys
+):
+    """The merge target is deq(Q(W)) + BA, with Q as training ran it: under ZeRO-3 (here a raw
+    DeepSpeed config, whose stage the zero_stage key does not say) training quantized a base
+    loaded in its bf16 storage dtype. A run dir records that; an adapter from elsewhere takes
+    the layout from the config, and merge says so."""
     import bitsandbytes as bnb
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     cfg = _run(tmp_path, adapters["qlora"], tiny_model, "qlora")
-    cfg.training.deepspeed.zero_stage = zero_stage
+    zero3 = trained != "config-z0"
+    if trained == "config-z3":
+        cfg.training.deepspeed.zero_stage = 3
+    if trained == "recorded-raw-z3":
+        cfg.training.deepspeed.raw_config = RAW_ZERO3  # the zero_stage key stays 0
+        facts = _record_train(cfg)
+        assert facts["deepspeed"]["zero_stage"] == 3
+        assert facts["quantization"]["storage_dtype"] == "bfloat16"
     merged_dir = merge(cfg)
+    notice = " ".join(capsys.readouterr().out.split())
+    assert ("the adapter came from elsewhere" in notice) == (trained != "recorded-raw-z3")
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
 
     name = "model.layers.1.self_attn.q_proj"
-    # Under ZeRO-3 training quantizes a base loaded in its bf16 storage dtype.
-    storage = torch.bfloat16 if zero_stage == 3 else torch.uint8
+    storage = torch.bfloat16 if zero3 else torch.uint8
     quantized = AutoModelForCausalLM.from_pretrained(
         tiny_model,
-        dtype=torch.bfloat16 if zero_stage == 3 else torch.float32,
+        dtype=torch.bfloat16 if zero3 else torch.float32,
         quantization_config=_bnb_config(storage),
     )
     layer = quantized.get_submodule(name)
@@ -221,7 +253,29 @@ def test_merge_qlora_targets_the_dequantized_4bit_base(tmp_path, tiny_model, ada
     assert (got - (full_precision + delta)).abs().max() > 1e-3
     stage = read_manifest(cfg.run_path)["stages"]["merge"]
     assert stage["method"] == "qlora" and stage["verification"]["passed"]
-    assert stage["verification"]["rel_logit_diff"] < (1e-4 if zero_stage == 0 else 1e-2)
+    assert stage["quantized_from"] == ("bfloat16" if zero3 else "float32")
+    assert stage["facts_from"] == ("train" if trained == "recorded-raw-z3" else "config")
+    assert stage["verification"]["rel_logit_diff"] < (1e-2 if zero3 else 1e-4)
+
+
+def test_merge_reads_what_training_recorded_not_the_config(tmp_path, tiny_model, adapters):
+    """The recorded method and 4-bit layout win over a config edited since training; a run
+    dir from before the record, or a tokenizer changed since, is refused before any load."""
+    cfg = _run(tmp_path, adapters["qlora"], tiny_model, "qlora")
+    trained = cfg.model_copy(deep=True)
+    trained.training.deepspeed.raw_config = RAW_ZERO3
+    facts = _record_train(trained)
+    cfg.training.method = "lora"  # edited after training: the adapter is still QLoRA
+    merge(cfg)
+    stage = read_manifest(cfg.run_path)["stages"]["merge"]
+    assert (stage["method"], stage["quantized_from"]) == ("qlora", "bfloat16")
+
+    record_stage(cfg.run_path, "train", cfg, steps=3)  # as a rayft before the record wrote it
+    with pytest.raises(MissingFactsError, match="did not record what it trained with"):
+        merge(cfg)
+    _record_train(trained, tokenizer={**facts["tokenizer"], "chat_template_sha256": "0" * 64})
+    with pytest.raises(ExportError, match="chat template is not the one `rayft train` recorded"):
+        merge(cfg)
 
 
 def test_verification_detects_drift_and_a_failed_check_writes_nothing(
@@ -713,6 +767,23 @@ def test_corrupted_adapter_config(tmp_path, tiny_model, adapters):
         merge(cfg)
 
 
+def test_inconsistent_lora_weights_are_refused_before_loading(tmp_path, tiny_model, adapters):
+    """Serving's checks, now merge's too: a lora_B whose rank is not its lora_A's, or a weights
+    file without LoRA tensors, is refused from the header instead of failing inside PEFT."""
+    from safetensors.torch import load_file, save_file
+
+    cfg = _run(tmp_path, adapters["lora"], tiny_model, "lora")
+    weights = cfg.run_path / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+    save_file({**tensors, key: tensors[key][:, :4].clone()}, weights, metadata={"format": "pt"})
+    with pytest.raises(ExportError, match="q_proj has lora_A rank 8 but lora_B rank 4"):
+        merge(cfg)
+    save_file({"unrelated": torch.zeros(2)}, weights, metadata={"format": "pt"})
+    with pytest.raises(ExportError, match="holds no LoRA weights"):
+        merge(cfg)
+
+
 def test_pickle_only_adapter_is_refused_without_loading(
     tmp_path, tiny_model, adapters, monkeypatch
 ):
@@ -747,7 +818,7 @@ def test_mismatched_base_recorded_in_run_json(tmp_path, tiny_model, adapters):
     from rayft.cli import main
 
     trained = _run(tmp_path, adapters["lora"], tiny_model, "lora")
-    record_stage(trained.run_path, "train", trained)
+    _record_train(trained)
     other = _variant_base(tiny_model, tmp_path / "other")  # same shapes, different weights
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump({**trained.model_dump(mode="json"), "model": {"base": other}}))
@@ -769,17 +840,14 @@ def test_full_fine_tune_exports_model_dir_and_has_nothing_to_merge(tmp_path, tin
 
 
 def test_merge_dtype_follows_the_training_side_not_this_machine():
-    import torch
-
     from rayft.export.merge import merge_dtype
+    from rayft.training.facts import for_config
 
-    def cfg(**sections) -> JobConfig:
-        return JobConfig.model_validate({"model": {"base": "tiny-llama"}, **sections})
+    def facts(**sections) -> dict:
+        return for_config(JobConfig.model_validate({"model": {"base": "b"}, **sections}), "b")
 
-    assert merge_dtype(cfg(cluster={"use_gpu": True})) == torch.bfloat16  # merged on a CPU box
-    assert merge_dtype(cfg(cluster={"use_gpu": False})) == torch.float32
+    assert merge_dtype("auto", facts(cluster={"use_gpu": True})) == "bfloat16"  # on a CPU box
+    assert merge_dtype("auto", facts(cluster={"use_gpu": False})) == "float32"
     qlora = {"method": "qlora", "quantization": {"compute_dtype": "float16"}}
-    assert merge_dtype(cfg(training=qlora, cluster={"use_gpu": True})) == torch.float16
-    assert merge_dtype(cfg(export={"dtype": "float32"}, cluster={"use_gpu": True})) == (
-        torch.float32
-    )
+    assert merge_dtype("auto", facts(training=qlora, cluster={"use_gpu": True})) == "float16"
+    assert merge_dtype("float32", facts(cluster={"use_gpu": True})) == "float32"

@@ -17,7 +17,7 @@ from rayft.cluster import k8s
 from rayft.config import JobConfig, K8sConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-CRDS = ROOT.parent / "shared" / "kuberay-crds"
+CRDS = ROOT / "tests" / "data" / "kuberay-crds"  # vendored: see its README.md
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 RENDERED = ROOT / "k8s" / "rendered"
 
@@ -45,7 +45,11 @@ def _strict(schema: object) -> object:
 @cache
 def validator(kind: str) -> jsonschema.Draft7Validator:
     plural = {"RayJob": "rayjobs", "RayService": "rayservices"}[kind]
-    text = (CRDS / f"ray.io_{plural}.yaml").read_text()
+    path = CRDS / f"ray.io_{plural}.yaml"
+    if not path.is_file():
+        # Fail, never skip: without the schema the manifests would go unchecked.
+        pytest.fail(f"{path} is missing; restore it as {CRDS / 'README.md'} describes")
+    text = path.read_text()
     crd = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     return jsonschema.Draft7Validator(_strict(v1["schema"]["openAPIV3Schema"]))
@@ -275,6 +279,10 @@ def test_vllm_replicas_get_their_gpus(tmp_path: Path) -> None:
     assert engine["num_replicas"] == 2 and engine["ray_actor_options"]["num_gpus"] == 4
     (group,) = objs["rayservice.yaml"]["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     assert group["replicas"] == 1  # two 4-GPU replicas fit on one 8-GPU node
+    # vLLM's GPU comes from the config's rule, the one `rayft serve` reserves locally too.
+    unset = render(tmp_path, ROOT / "configs/quickstart.yaml", "serve.engine=vllm")
+    serve = yaml.safe_load(unset["rayservice.yaml"]["spec"]["serveConfigV2"])
+    assert serve["applications"][0]["deployments"][0]["ray_actor_options"]["num_gpus"] == 1
     with pytest.raises(k8s.RenderError, match="cannot span nodes"):
         render(tmp_path, ROOT / "configs/llama-3-8b-qlora.yaml", "serve.gpus_per_replica=2")
 

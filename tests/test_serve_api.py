@@ -226,6 +226,30 @@ def test_ab_split_stickiness_shadow_feedback_and_report(server):
     assert (cfg.run_path / "serve" / "ab_report.json").exists()
 
 
+def test_a_refused_request_never_reaches_the_shadow_arm(server):
+    """A request refused with a 400 (here stream=true with n=2) was still copied to the shadow
+    arm and logged there as a 200 answer. Only requests that are answered are shadowed."""
+    cfg, url = server
+    log = cfg.run_path / "serve" / "requests.jsonl"
+
+    def shadow_rows() -> list[dict]:
+        return [json.loads(x) for x in log.read_text().splitlines() if '"shadow": true' in x]
+
+    before = len(shadow_rows())
+    body = {"model": "exp", "messages": HI, "max_tokens": 2, "user": "refused"}
+    r = post(url, "/v1/chat/completions", {**body, "stream": True, "n": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+    ok = post(url, "/v1/chat/completions", {**body, "user": "answered"})
+    assert ok.status_code == 200
+    deadline = time.time() + 30
+    while time.time() < deadline and not any(
+        s["id"] == ok.json()["id"] + "-shadow" for s in shadow_rows()
+    ):
+        time.sleep(0.2)
+    time.sleep(1)  # a copy of the refused request, sent first, would have landed by now
+    assert len(shadow_rows()) == before + 1
+
+
 def test_replicas_from_config(server):
     from ray import serve
 
@@ -375,7 +399,7 @@ def test_admin_experiments_create_list_delete(server):
     _, url = server
     assert post(url, "/admin/experiments", {"name": "e2", "arms": {"a2": 1}}).status_code == 401
     for body, status, param in [
-        ({"name": "e2", "arms": {"base": 1, "nope": 1}}, 404, "model"),
+        ({"name": "e2", "arms": {"base": 1, "nope": 1}}, 404, "arms"),
         ({"name": "e2", "arms": {"base": 0}}, 400, "arms"),
         ({"name": "e2", "arms": {"exp": 1}}, 400, "arms"),  # an experiment is no arm
         ({"name": "a1", "arms": {"base": 1}}, 400, "name"),  # would shadow adapter a1

@@ -15,8 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from rayft.adapters import (
+    AdapterError,
+    base_linears,
+    check_compatible,
+    fingerprint,
+    resolve_adapter,
+)
 from rayft.serving.ab import assign, report
-from rayft.serving.adapters import base_linears, check_compatible, fingerprint, resolve_adapter
 from rayft.serving.errors import AdapterRefused, NotFound
 from rayft.serving.routing import resolve
 
@@ -110,7 +116,7 @@ def test_paths_outside_the_root_are_refused(adapters, tmp_path, kind):
         w.unlink(missing_ok=True)
         w.symlink_to(outside / "evil" / "adapter_model.safetensors")
         spec = "link_file"
-    with pytest.raises(AdapterRefused, match=r"\.\.|outside the allowed root"):
+    with pytest.raises(AdapterError, match=r"\.\.|outside the allowed root"):
         resolve_adapter(spec, root, tmp_path)
 
 
@@ -122,7 +128,7 @@ def test_pickle_only_adapter_is_refused(adapters, tmp_path):
         (root / "runs/r1/adapter/adapter_config.json").read_text()
     )
     (d / "adapter_model.bin").write_bytes(b"\x80\x04not really a pickle")
-    with pytest.raises(AdapterRefused, match="pickle"):
+    with pytest.raises(AdapterError, match="pickle"):
         resolve_adapter("pickled", root, tmp_path)
 
 
@@ -134,7 +140,7 @@ def test_compatibility_is_checked_on_shapes_and_rank(tiny_model, adapters, tmp_p
     linears = base_linears(tiny_model)
     ok = check_compatible(root / "runs/r1/adapter", linears, max_rank=64)
     assert ok == {"rank": 4, "modules": 4, "dora": False}
-    with pytest.raises(AdapterRefused, match="rank 4 is above"):
+    with pytest.raises(AdapterError, match="rank 4 is above"):
         check_compatible(root / "runs/r1/adapter", linears, max_rank=2)
     # An adapter trained on a model with other dimensions must not load onto tiny-llama.
     other = LlamaForCausalLM(
@@ -150,7 +156,7 @@ def test_compatibility_is_checked_on_shapes_and_rank(tiny_model, adapters, tmp_p
     get_peft_model(other, LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(
         tmp_path / "o"
     )
-    with pytest.raises(AdapterRefused, match="in the adapter but"):
+    with pytest.raises(AdapterError, match="in the adapter but"):
         check_compatible(tmp_path / "o", linears, max_rank=64)
 
 
@@ -346,7 +352,7 @@ def test_s3_adapter_is_fetched_and_pickles_refused(tiny_model, tmp_path, monkeyp
             "adapter_model.safetensors",
         ]
         assert check_compatible(path, base_linears(tiny_model), 64)["rank"] == 4
-        with pytest.raises(AdapterRefused, match="only safetensors"):
+        with pytest.raises(AdapterError, match="only safetensors"):
             resolve_adapter("s3://bucket/pickled", tmp_path / "root", tmp_path / "cache")
     finally:
         server.stop()
@@ -394,7 +400,7 @@ def test_config_dora_adapter_is_served_merged_when_the_engine_cannot(tiny_model,
         },
     )
     s = _settings(cfg)
-    assert set(s.adapters) == {"a1"} and s.merged["d1"]["app"] is None
+    assert set(s.registry.adapters) == {"a1"} and s.registry.merged["d1"]["app"] is None
     merged = Path(s.model_dirs["d1"])
     assert merged.is_relative_to((tmp_path / "run" / "serve" / "merged").resolve())
     assert list(merged.glob("*.safetensors")) and not list(merged.glob("*.bin"))
@@ -496,3 +502,28 @@ def test_a_finished_row_is_answered_before_its_batch_ends(tiny_model):
     later_steps = [rows for rows, _ in events[answered[0] + 1 :] if isinstance(rows, list)]
     assert len(later_steps) == 10  # the long row's steps 3..12 came after the short answer
     assert results == engine.generate([short, long])  # the same answers as without streaming
+
+
+def test_engine_stops_at_every_end_token_the_model_declares(tiny_model, tmp_path):
+    """Llama 3 ends a turn with <|eot_id|> and text with <|end_of_text|>; the generation config
+    lists both (and `rayft merge` writes the trained end-of-turn ids there). The engine stopped
+    only at the tokenizer's eos, so answers ran past the end of the turn."""
+    from transformers import GenerationConfig
+
+    from rayft.serving.hf_engine import TransformersEngine
+    from rayft.serving.protocol import GenRequest
+
+    engine = TransformersEngine(tiny_model)
+    ids = engine.tokenizer("hello world")["input_ids"]
+    plain = engine.generate([GenRequest(ids, 8, 0.0)])[0]
+    assert plain.finish_reason == "length"
+    with torch.inference_mode():  # the tokens the engine generated: greedy is deterministic
+        out = engine.model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)
+    tokens = out[0, len(ids) :].tolist()
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    turn_end = tokens[2]
+    GenerationConfig(eos_token_id=[engine.tokenizer.eos_token_id, turn_end]).save_pretrained(model)
+    ended = TransformersEngine(str(model)).generate([GenRequest(ids, 8, 0.0)])[0]
+    assert ended.finish_reason == "stop" and ended.completion_tokens < 8
+    assert plain.text.startswith(ended.text) and len(ended.text) < len(plain.text)

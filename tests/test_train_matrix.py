@@ -14,6 +14,9 @@ Riders on single cells, so they cost no extra run:
 - Full x ZeRO-3 offloads the optimizer and the parameters to CPU (DeepSpeed's offload path).
 - QLoRA x ZeRO-3 and DoRA x ZeRO-3 adapters, as `rayft train` wrote them, go through `rayft merge`
   and its logits verification against base + adapter.
+- QLoRA x ZeRO-3 runs under a raw DeepSpeed config (the zero_stage key stays 0): the stage, and
+  with it the bf16 storage the 4-bit base was quantized from, come from that config, are
+  recorded in run.json, and the merge rebuilds the base from the record.
 """
 
 from __future__ import annotations
@@ -25,15 +28,19 @@ import torch
 from train_data import write_sft
 
 from rayft.config import JobConfig
+from rayft.manifest import read_manifest
 from rayft.training import train
+from rayft.training.dsconfig import deepspeed_config
 
 pytestmark = pytest.mark.slow
 
 
 def _run(run_dir, method: str, zero: int, lr: float = 1e-2, **training):
-    offload = (
-        {"offload_optimizer": True, "offload_params": True} if (method, zero) == OFFLOAD else {}
-    )
+    deepspeed = {"zero_stage": zero}
+    if (method, zero) == OFFLOAD:
+        deepspeed.update(offload_optimizer=True, offload_params=True)
+    if (method, zero) == RAW:
+        deepspeed = {"raw_config": deepspeed_config(zero)}
     fault = {"sigkill": {"step": 3, "rank": 1, "marker": str(run_dir / "killed")}}
     cfg = JobConfig.model_validate(
         {
@@ -48,7 +55,7 @@ def _run(run_dir, method: str, zero: int, lr: float = 1e-2, **training):
                 "warmup_ratio": 0.0,
                 "per_device_batch_size": 2,
                 "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-                "deepspeed": {"zero_stage": zero, **offload},
+                "deepspeed": deepspeed,
                 **training,
             },
             "cluster": {"num_workers": 2, "max_failures": 1},
@@ -80,6 +87,7 @@ def _load_adapter(adapter_dir):
 MATRIX = [(m, z) for m in ("lora", "qlora", "full") for z in (0, 2, 3)] + [("dora", 0), ("dora", 3)]
 ACCUMULATE = ("lora", 2)
 OFFLOAD = ("full", 3)
+RAW = ("qlora", 3)
 MERGE = {("qlora", 3), ("dora", 3)}
 ACCUMULATION = {
     "gradient_accumulation_steps": 2,
@@ -125,6 +133,13 @@ def test_method_x_zero_fresh_and_resumed(
         assert w["gradient_checkpointing"] == bool(extra), w
     if extra:
         _check_accumulation(tmp_path, rows)
+    facts = read_manifest(tmp_path)["stages"]["train"]["facts"]
+    assert (facts["method"], facts["deepspeed"]["zero_stage"]) == (method, zero), facts
+    assert facts["deepspeed"]["raw_config"] == ((method, zero) == RAW)
+    assert facts["tokenizer"]["path"] == ("model" if method == "full" else "adapter")
+    if method == "qlora":
+        storage = "bfloat16" if zero == 3 else "uint8"
+        assert facts["quantization"]["storage_dtype"] == storage, facts
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     if method == "full":
         from transformers import AutoModelForCausalLM
@@ -139,9 +154,11 @@ def test_method_x_zero_fresh_and_resumed(
         assert lora_b and all(p.abs().sum() > 0 for p in lora_b)
     if (method, zero) in MERGE:
         from rayft.export import merge
-        from rayft.manifest import read_manifest
 
         merged = merge(cfg)  # raises VerificationError if merged != base + adapter
-        check = read_manifest(tmp_path)["stages"]["merge"]["verification"]
-        assert check["passed"], check
+        stage = read_manifest(tmp_path)["stages"]["merge"]
+        assert stage["verification"]["passed"], stage
+        assert stage["facts_from"] == "train"
+        if method == "qlora":  # quantized from the recorded bf16 storage, as training did
+            assert stage["quantized_from"] == "bfloat16", stage
         assert (merged / "config.json").exists() and list(merged.glob("*.safetensors"))

@@ -13,6 +13,7 @@ from rayft.training import TrainConfigError, train
 from rayft.training.checks import problems
 from rayft.training.data import collate_padding_free
 from rayft.training.dsconfig import DeepSpeedConfigError, deepspeed_config
+from rayft.training.facts import resolve
 
 
 def _cfg(run_dir, **training) -> JobConfig:
@@ -166,6 +167,9 @@ def test_a_raw_deepspeed_config_decides_the_stage(tmp_path):
         refused(**qlora, deepspeed={"raw_config": str(path)})
     )
     assert refused(**qlora, deepspeed={"raw_config": {"zero_optimization": {"stage": 2}}}) == []
+    offload = {"stage": 3, "offload_param": {"device": "cpu"}}  # 4-bit weights cannot move
+    (found,) = refused(method="qlora", deepspeed={"raw_config": {"zero_optimization": offload}})
+    assert "cannot be offloaded" in found
     no_gather = {
         "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": False}
     }
@@ -178,7 +182,49 @@ def test_a_raw_deepspeed_config_decides_the_stage(tmp_path):
         {"run_dir": str(tmp_path), "training": {"deepspeed": {"raw_config": str(path)}}}
     )
     ds = deepspeed_config(0, raw_config=str(path))
-    assert _worker_config(cfg, str(tmp_path), "sft", "sft", ds, False)["zero_stage"] == 3
+    facts = resolve(cfg, ds, str(tmp_path))
+    assert _worker_config(cfg, facts, "sft", "sft", ds, False)["facts"]["deepspeed"] == {
+        "zero_stage": 3,
+        "offload_optimizer": False,
+        "offload_params": False,
+        "raw_config": True,
+    }
+
+
+def test_facts_resolve_the_4bit_layout_from_the_stage_deepspeed_runs():
+    """What the workers load and run.json records: QLoRA under a raw ZeRO-3 config stores 4-bit
+    weights in bf16 and quantizes a base loaded in bf16, whatever the unused zero_stage key says;
+    outside ZeRO-3 packed uint8 from the compute dtype."""
+    from rayft.training.facts import for_config
+
+    def facts(**sections):
+        cfg = JobConfig.model_validate({"model": {"base": "tiny-llama"}, **sections})
+        return for_config(cfg, "/models/tiny-llama")
+
+    raw_z3 = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}
+    qlora = facts(
+        training={"method": "qlora", "deepspeed": {"zero_stage": 0, "raw_config": raw_z3}}
+    )
+    assert qlora["deepspeed"]["zero_stage"] == 3 and qlora["deepspeed"]["offload_optimizer"]
+    assert qlora["quantization"] == {
+        "quant_type": "nf4",
+        "double_quant": True,
+        "compute_dtype": "float32",
+        "storage_dtype": "bfloat16",
+        "loaded_dtype": "bfloat16",
+    }
+    assert qlora["base"] == {"id": "tiny-llama", "revision": None, "path": "/models/tiny-llama"}
+    gpu = facts(
+        training={"method": "qlora", "deepspeed": {"zero_stage": 2}}, cluster={"use_gpu": True}
+    )
+    assert gpu["compute_dtype"] == "bfloat16"
+    assert (gpu["quantization"]["storage_dtype"], gpu["quantization"]["loaded_dtype"]) == (
+        "uint8",
+        "bfloat16",
+    )
+    dora = facts(training={"method": "dora", "precision": "fp32"}, cluster={"use_gpu": True})
+    assert dora["use_dora"] and dora["quantization"] is None
+    assert dora["compute_dtype"] == "float32"
 
 
 def test_a_tracker_that_is_not_installed_is_refused_before_any_worker(monkeypatch):

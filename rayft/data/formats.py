@@ -127,10 +127,7 @@ def _messages(
     if not value:
         raise RowError("empty_content", field, f"'{field}' is an empty list")
     out = []
-    for i, m in enumerate(value):
-        where = f"{field}[{i}]"
-        if not isinstance(m, dict):
-            raise RowError("wrong_type", where, f"'{where}' must be an object")
+    for where, m in _objects(value, field):
         if role_key not in m:
             raise RowError("missing_key", f"{where}.{role_key}", f"missing '{where}.{role_key}'")
         raw_role = m[role_key]
@@ -156,16 +153,22 @@ def _messages(
     return out
 
 
+def _objects(value: list, field: str):
+    """(`field[i]`, item) for each item of a list that must hold JSON objects."""
+    for i, item in enumerate(value):
+        where = f"{field}[{i}]"
+        if not isinstance(item, dict):
+            raise RowError("wrong_type", where, f"'{where}' must be an object")
+        yield where, item
+
+
 def _tool_calls(value: Any, field: str) -> list[dict[str, Any]]:
     """OpenAI tool calls: a non-empty list of {id, type: function, function: {name,
     arguments (a JSON string)}}."""
     if not isinstance(value, list) or not value:
         raise RowError("wrong_type", field, f"'{field}' must be a non-empty list of tool calls")
     out = []
-    for i, call in enumerate(value):
-        where = f"{field}[{i}]"
-        if not isinstance(call, dict):
-            raise RowError("wrong_type", where, f"'{where}' must be an object")
+    for where, call in _objects(value, field):
         if call.get("type") != "function":
             raise RowError(
                 "wrong_type",

@@ -25,13 +25,11 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from rayft.config import DataConfig, JobConfig
-from rayft.data import dedupe, pack, report, sources, stages
+from rayft.data import dedupe, report, sources, stages, write
 from rayft.errors import RayftError
 
-STAGING = ".splits"
 # Up to this many tokens (int32 ids and labels: 8 bytes a token, 128 MiB here) the driver,
 # which reads every tokenized block for the counts anyway, keeps the kept rows and writes the
 # splits itself and packs each split whole: one plan over a split leaves one partly filled
@@ -103,7 +101,7 @@ def prepare(cfg: JobConfig) -> DataArtifacts:
         drop = frozenset(exact | near)
         stats = _collect_tokenized(tokenized, schema, drop)
         timings["collect"] = _lap(marks)
-        splits = _write_splits(tokenized, data_dir, schema, stats, drop)
+        splits = write.splits(tokenized, data_dir, schema, stats, drop)
         timings["write"] = _lap(marks)
         _progress(
             "wrote " + ", ".join(f"{s} {stats['rows'][s]} rows" for s in report.SPLITS),
@@ -111,7 +109,7 @@ def prepare(cfg: JobConfig) -> DataArtifacts:
         )
         packed, packing = {}, {}
         if kind == "sft" and d.pack:
-            packed, packing = _write_packed(tokenized, data_dir, d.max_seq_len, stats, drop)
+            packed, packing = write.packed(tokenized, data_dir, d.max_seq_len, stats, drop)
         timings["pack"] = _lap(marks)
         if packed:
             counts = ", ".join(f"{s} {n}" for s, n in packing["sequences"].items())
@@ -169,7 +167,7 @@ def _record_rejects(rejects: list[dict[str, Any]], data_dir: Path, on_error: str
 
 def _clear(data_dir: Path) -> None:
     # Ray Data appends files to existing directories: stale splits would mix with new ones.
-    for name in ("train.parquet", "validation.parquet", "test.parquet", "packed", STAGING):
+    for name in ("train.parquet", "validation.parquet", "test.parquet", "packed", write.STAGING):
         shutil.rmtree(data_dir / name, ignore_errors=True)
     for name in ("rejects.jsonl", "data_report.json"):
         (data_dir / name).unlink(missing_ok=True)
@@ -331,85 +329,3 @@ def _collect_tokenized(ds, schema: pa.Schema, drop: frozenset[str]) -> dict[str,
         "hash": digest,
         "kept": pa.concat_tables(kept).combine_chunks() if kept else None,
     }
-
-
-def _write_splits(
-    ds, data_dir: Path, schema: pa.Schema, stats: dict[str, Any], drop: frozenset[str]
-) -> dict[str, Path]:
-    # Into staging, one directory a split as a hive-partitioned write makes them (Ray Data's
-    # drops the split column; the driver's writes the kept rows it holds); the directories are
-    # then renamed to the contract's names.
-    staging = data_dir / STAGING
-    if stats["kept"] is not None:
-        for name, table in _by_split(stats["kept"], schema).items():
-            (staging / f"split={name}").mkdir(parents=True)
-            pq.write_table(table, staging / f"split={name}" / "part-0.parquet")
-    else:
-        ds.map_batches(
-            stages.split_rows,
-            batch_format="pyarrow",
-            fn_kwargs={"name": None, "columns": [*schema.names, "split"], "drop": drop},
-        ).write_parquet(str(staging.resolve()), partition_cols=["split"])
-    out = {}
-    for name in report.SPLITS:
-        path = data_dir / f"{name}.parquet"
-        if stats["rows"][name]:
-            (staging / f"split={name}").rename(path)
-        else:  # an empty split still has a schema, so readers need no special case
-            path.mkdir(parents=True, exist_ok=True)
-            pq.write_table(schema.empty_table(), path / "empty.parquet")
-        out[name] = path
-    shutil.rmtree(staging, ignore_errors=True)
-    return out
-
-
-def _by_split(kept: pa.Table, schema: pa.Schema) -> dict[str, pa.Table]:
-    """The non-empty splits of the kept rows, in `schema`."""
-    out = {}
-    for name in report.SPLITS:
-        table = kept.filter(pc.equal(kept["split"], name)).select(schema.names)
-        if table.num_rows:
-            out[name] = table
-    return out
-
-
-def _write_packed(
-    ds, data_dir: Path, max_len: int, stats: dict[str, Any], drop: frozenset[str]
-) -> tuple[dict[str, Path], dict[str, Any]]:
-    out, sequences = {}, {}
-    for name in ("train", "validation"):
-        if not stats["rows"][name]:
-            continue
-        path = data_dir / "packed" / f"{name}.parquet"
-        if stats["kept"] is not None:
-            split = stats["kept"].filter(pc.equal(stats["kept"]["split"], name))
-            packed = pack.pack(split.select(["input_ids", "labels"]), max_len)
-            path.mkdir(parents=True, exist_ok=True)
-            pq.write_table(packed, path / "packed.parquet", row_group_size=1024)
-            sequences[name] = packed.num_rows
-        else:
-            streamed = (
-                ds.map_batches(
-                    stages.split_rows,
-                    batch_format="pyarrow",
-                    fn_kwargs={"name": name, "columns": ["input_ids", "labels"], "drop": drop},
-                )
-                # Large batches: the plan leaves at most a partly filled bin or two per batch.
-                .map_batches(
-                    pack.pack,
-                    batch_size=16384,
-                    batch_format="pyarrow",
-                    fn_kwargs={"max_len": max_len},
-                )
-                .materialize()
-            )
-            sequences[name] = streamed.count()
-            streamed.write_parquet(str(path.resolve()))
-        out[name] = path
-    real = sum(stats["tokens"][s] for s in sequences)
-    packing = {
-        "efficiency": round(pack.efficiency(real, sum(sequences.values()), max_len), 4),
-        "sequences": sequences,
-        "definition": "real tokens / (packed sequences x max_seq_len)",
-    }
-    return out, packing

@@ -28,13 +28,17 @@ UNREADABLE = "unreadable"  # the format of a file that cannot be split into rows
 DIRECTORY_SUFFIXES = (".jsonl", ".json", ".ndjson", ".parquet")
 DIRECTORY_SUFFIXES += tuple(s + ".gz" for s in DIRECTORY_SUFFIXES if s != ".parquet")
 _GZIP_MAGIC = b"\x1f\x8b"
+# Where a row comes from: every table of the pipeline starts with these columns.
+ORIGIN = [
+    ("file", pa.string()),
+    ("line", pa.int64()),
+    ("order", pa.int32()),
+    ("split_hint", pa.string()),
+    ("format", pa.string()),
+]
 RAW_SCHEMA = pa.schema(
     [
-        ("file", pa.string()),
-        ("line", pa.int64()),
-        ("order", pa.int32()),
-        ("split_hint", pa.string()),
-        ("format", pa.string()),
+        *ORIGIN,
         ("raw", pa.string()),
         ("bad_encoding", pa.string()),  # why `raw` is no text, for lines that are not UTF-8
     ]

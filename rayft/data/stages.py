@@ -15,16 +15,12 @@ import pyarrow as pa
 
 from rayft.data import clean, dedupe, formats, split, tokens
 from rayft.data.formats import RowError
-from rayft.data.sources import UNREADABLE
+from rayft.data.sources import ORIGIN, UNREADABLE
 
 PII_TYPES = tuple(clean.PLACEHOLDERS)
 CLEAN_SCHEMA = pa.schema(
     [
-        ("file", pa.string()),
-        ("line", pa.int64()),
-        ("order", pa.int32()),
-        ("split_hint", pa.string()),
-        ("format", pa.string()),
+        *ORIGIN,
         # rejected rows: what was wrong, and the row as it was
         ("error_kind", pa.string()),
         ("error_field", pa.string()),

@@ -1,7 +1,9 @@
 """Score one arm through Ray Data: answers (generation) and teacher-forced NLL per row.
 
-A pool of actors each holds one model replica (`eval.num_replicas`); Ray Data feeds them
-batches of rows. One pass per arm does both jobs so each replica loads its model once.
+A pool of actors each holds one serving engine (`eval.num_replicas`); Ray Data feeds them
+batches of rows. Answers come from the engine `rayft serve` runs (the transformers engine), with
+the server's prompt rendering, stopping and decoding, so an evaluated answer is the answer the
+server gives; the NLL pass runs on that engine's model, so each replica loads one model.
 
 Rows are {idx, kind, prompt, reference}: `kind="test"` rows carry a chat prompt (JSON
 messages) and the reference answer; they are answered and the reference is scored. `kind="text"`
@@ -12,70 +14,76 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import ray
 
+from rayft.adapters import fingerprint
 from rayft.evaluation.arms import Arm
+from rayft.evaluation.testset import EvalError
+from rayft.serving.errors import ServeError
+from rayft.serving.prompts import chat_prompt_ids
+from rayft.serving.protocol import AdapterRef, GenRequest
 
 
 class ArmRunner:
-    """Ray Data callable class: one model replica per actor."""
+    """Ray Data callable class: one engine (one model replica) per actor."""
 
     def __init__(
         self,
         model: str,
-        adapter: str | None,
-        tokenizer: str,
+        adapter: AdapterRef | None,
         max_new_tokens: int,
         do_sample: bool,
         temperature: float,
         seed: int,
+        max_lora_rank: int,
     ) -> None:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from rayft.serving.hf_engine import TransformersEngine
 
         self.torch = torch
-        self.tok = AutoTokenizer.from_pretrained(tokenizer)
-        if self.tok.pad_token is None:
-            self.tok.pad_token = self.tok.eos_token
-        # fp32 on CPU; a QLoRA adapter is applied to the unquantized base, which is what a
-        # merged export of it serves.
-        gpu = torch.cuda.is_available()  # only when Ray gave this actor a GPU
-        dtype = torch.bfloat16 if gpu else torch.float32
-        net = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
-        if adapter:
-            from peft import PeftModel
-
-            net = PeftModel.from_pretrained(net, adapter)
-        self.device = "cuda" if gpu else "cpu"
-        self.model = net.to(self.device).eval()
+        # The engine picks the device (a GPU only when Ray gave this actor one) and the dtype.
+        # A QLoRA adapter is applied to the unquantized base, as the server applies it.
+        self.engine = TransformersEngine(model, max_lora_rank=max_lora_rank)
+        self.tok = self.engine.tokenizer
+        self.adapter = adapter
         self.max_new_tokens = max_new_tokens
-        self.do_sample = do_sample
-        self.temperature = temperature
+        self.temperature = temperature if do_sample else 0.0  # the API's way to ask for greedy
         self.seed = seed
-        eos = net.generation_config.eos_token_id
-        eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        self.eos = sorted(eos | {self.tok.eos_token_id})
+        if adapter:  # an adapter the engine refuses fails here, once, not in every batch
+            _answers(self.engine, [GenRequest([self.engine.pad_id], 1, 0.0, adapter=adapter)])
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         kinds = list(batch["kind"])
         prompts = [
-            self.tok.apply_chat_template(json.loads(p), add_generation_prompt=True, tokenize=False)
-            if k == "test"
-            else ""
+            chat_prompt_ids(self.tok, json.loads(p)) if k == "test" else []
             for k, p in zip(kinds, batch["prompt"], strict=True)
         ]
-        nll, ntok = self._nll(prompts, list(batch["reference"]))
         answers = [""] * len(kinds)
         todo = [i for i, k in enumerate(kinds) if k == "test"]
         if todo:
             # Seed from the batch's first row, not the actor: sampled answers then do not
-            # depend on which replica happened to get the batch.
-            self.torch.manual_seed(self.seed * 1_000_003 + int(batch["idx"][todo[0]]))
-            for i, text in zip(todo, self._generate([prompts[i] for i in todo]), strict=True):
+            # depend on which replica happened to get the batch. One seed for the whole batch:
+            # the engine seeds once per group of requests sharing a seed, so the batch stays one
+            # `generate` call.
+            seed = self.seed * 1_000_003 + int(batch["idx"][todo[0]])
+            reqs = [
+                GenRequest(
+                    prompts[i],
+                    self.max_new_tokens,
+                    self.temperature,
+                    adapter=self.adapter,
+                    seed=seed,
+                )
+                for i in todo
+            ]
+            for i, text in zip(todo, _answers(self.engine, reqs), strict=True):
                 answers[i] = text
+        nll, ntok = self._nll(prompts, list(batch["reference"]))
         return {
             "idx": batch["idx"],
             "kind": batch["kind"],
@@ -84,12 +92,11 @@ class ArmRunner:
             "n_tokens": np.array(ntok, dtype=np.int64),
         }
 
-    def _nll(self, prompts: list[str], targets: list[str]) -> tuple[list[float], list[int]]:
+    def _nll(self, prompts: list[list[int]], targets: list[str]) -> tuple[list[float], list[int]]:
         """Summed NLL of each target's tokens given its prompt (answer tokens only)."""
         torch = self.torch
         seqs, labels = [], []
-        for prompt, target in zip(prompts, targets, strict=True):
-            p = self.tok(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+        for p, target in zip(prompts, targets, strict=True):
             t = self.tok(target, add_special_tokens=False)["input_ids"]
             lab = [-100] * len(p) + t
             if not p:
@@ -97,37 +104,25 @@ class ArmRunner:
             seqs.append(p + t)
             labels.append(lab)
         width = max(len(s) for s in seqs)
-        pad = self.tok.pad_token_id
+        pad = self.engine.pad_id
         ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
         mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
         lab = torch.tensor([x + [-100] * (width - len(x)) for x in labels])
-        with torch.inference_mode():
-            logits = self.model(
-                input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
-            ).logits.float()
-        lab = lab.to(self.device)
+        logits = self.engine.logits(ids, mask, self.adapter)
+        device = logits.device
+        lab = lab.to(device)
         losses = torch.nn.functional.cross_entropy(
             logits[:, :-1].transpose(1, 2), lab[:, 1:], ignore_index=-100, reduction="none"
         )
         return losses.sum(1).cpu().tolist(), (lab[:, 1:] != -100).sum(1).cpu().tolist()
 
-    def _generate(self, prompts: list[str]) -> list[str]:
-        self.tok.padding_side = "left"  # decoder-only models continue from the right edge
-        enc = self.tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        enc = enc.to(self.device)
-        kwargs: dict[str, Any] = {"do_sample": self.do_sample}
-        if self.do_sample:
-            kwargs["temperature"] = self.temperature
-        with self.torch.inference_mode():
-            out = self.model.generate(
-                **enc,
-                max_new_tokens=self.max_new_tokens,
-                pad_token_id=self.tok.pad_token_id,
-                eos_token_id=self.eos,
-                **kwargs,
-            )
-        new = out[:, enc["input_ids"].shape[1] :]
-        return [t.strip() for t in self.tok.batch_decode(new, skip_special_tokens=True)]
+
+def _answers(engine, reqs: list[GenRequest]) -> list[str]:
+    out = engine.generate(reqs)
+    failed = next((r for r in out if isinstance(r, ServeError)), None)
+    if failed is not None:
+        raise EvalError(f"the serving engine refused the arm's requests: {failed.message}")
+    return [r.text for r in out]
 
 
 def score_arm(
@@ -135,6 +130,7 @@ def score_arm(
     arm: Arm,
     *,
     max_new_tokens: int,
+    max_lora_rank: int,
     do_sample: bool = False,
     temperature: float = 1.0,
     seed: int = 0,
@@ -148,12 +144,12 @@ def score_arm(
         ArmRunner,
         fn_constructor_kwargs={
             "model": arm.model,
-            "adapter": arm.adapter,
-            "tokenizer": arm.tokenizer,
+            "adapter": fingerprint(arm.name, Path(arm.adapter)) if arm.adapter else None,
             "max_new_tokens": max_new_tokens,
             "do_sample": do_sample,
             "temperature": temperature,
             "seed": seed,
+            "max_lora_rank": max_lora_rank,
         },
         batch_size=batch_size,
         batch_format="numpy",

@@ -91,7 +91,8 @@ def evaluate(cfg: JobConfig) -> EvalArtifacts:
     base = base_arm(cfg.model.base, cfg.model.revision)
     if len(set(ev.candidates)) != len(ev.candidates) or "base" in ev.candidates:
         raise EvalError(f"eval.candidates: names must be unique and not 'base': {ev.candidates}")
-    arms: list[Arm] = [base] + [candidate_arm(c, run_dir, base.model) for c in ev.candidates]
+    rank = cfg.serve.max_lora_rank
+    arms: list[Arm] = [base] + [candidate_arm(c, run_dir, base.model, rank) for c in ev.candidates]
     rows = _rows(examples, texts)
     n = len(examples)
 
@@ -108,6 +109,7 @@ def evaluate(cfg: JobConfig) -> EvalArtifacts:
                 do_sample=ev.do_sample,
                 temperature=ev.temperature,
                 seed=ev.seed,
+                max_lora_rank=rank,
                 batch_size=ev.batch_size,
                 num_replicas=ev.num_replicas,
                 use_gpu=cfg.cluster.use_gpu,

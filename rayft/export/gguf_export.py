@@ -38,13 +38,14 @@ from rayft.export.verify import (
     show,
 )
 from rayft.manifest import read_manifest, record_stage
+from rayft.training.facts import NOT_RECORDED, recorded
 
 
-def source_dir(cfg: JobConfig) -> Path:
+def source_dir(cfg: JobConfig, method: str) -> Path:
     """What gets exported: the merged model, or the whole model of a full fine-tune."""
-    src = cfg.run_path / ("model" if cfg.training.method == "full" else "merged")
+    src = cfg.run_path / ("model" if method == "full" else "merged")
     if not (src / "config.json").exists():
-        stage = "rayft train" if cfg.training.method == "full" else "rayft merge"
+        stage = "rayft train" if method == "full" else "rayft merge"
         raise ExportError(f"{src}: no model to export (no config.json); run `{stage}` first")
     shard_files(src)  # an incomplete copy fails here, not inside transformers' loader
     return src
@@ -146,11 +147,14 @@ def export(cfg: JobConfig, fmt: str = "gguf") -> list[Path]:
     if not cfg.export.gguf_types:
         raise ExportError("export.gguf_types is empty; name at least one type, e.g. [f16, q8_0]")
     console = Console()
-    src = source_dir(cfg)
+    manifest = read_manifest(cfg.run_path)
+    facts = recorded(manifest, cfg.run_path)
+    if facts is None:
+        console.print(f"[yellow]![/] {cfg.run_path / 'run.json'}: {NOT_RECORDED}")
+    method = facts["method"] if facts else cfg.training.method
+    src = source_dir(cfg, method)
     out_dir = cfg.run_path / "export"
     out_dir.mkdir(parents=True, exist_ok=True)
-    manifest = read_manifest(cfg.run_path)
-    method = cfg.training.method
     adapter_hash = (
         None
         if method == "full"

@@ -16,9 +16,14 @@ import time
 import warnings
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from scipy import stats
+
+from rayft.errors import RayftError
+
+if TYPE_CHECKING:
+    from rayft.config import JobConfig
 
 
 def assign(experiment: str, arms: dict[str, float], user: str | None) -> str:
@@ -68,26 +73,18 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def mean_ci(values: list[float], level: float = 0.95) -> dict:
-    """Mean with a Student-t confidence interval."""
+    """Mean with a Student-t confidence interval (scipy's)."""
     n = len(values)
     if n == 0:
         return {"n": 0, "mean": None, "ci": None}
     mean = sum(values) / n
     if n == 1:
         return {"n": 1, "mean": mean, "ci": None}
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    half = float(stats.t.ppf((1 + level) / 2, n - 1)) * sd / math.sqrt(n)
-    return {"n": n, "mean": mean, "ci": [mean - half, mean + half]}
-
-
-def wilson(wins: int, n: int, level: float = 0.95) -> list[float] | None:
-    if n == 0:
-        return None
-    z = float(stats.norm.ppf((1 + level) / 2))
-    p = wins / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return [centre - half, centre + half]
+    sem = float(stats.sem(values))
+    if sem == 0:  # every rating equal: scipy's interval is undefined (nan), the data is not
+        return {"n": n, "mean": mean, "ci": [mean, mean]}
+    low, high = stats.t.interval(level, n - 1, loc=mean, scale=sem)
+    return {"n": n, "mean": mean, "ci": [float(low), float(high)]}
 
 
 def report(requests: list[dict], feedback: list[dict], experiment: str | None = None) -> dict:
@@ -148,6 +145,7 @@ def report(requests: list[dict], feedback: list[dict], experiment: str | None = 
                 n = wins + losses
                 if n == 0:
                     continue
+                test = stats.binomtest(wins, n, 0.5)
                 comparisons.append(
                     {
                         "arm": a,
@@ -155,9 +153,65 @@ def report(requests: list[dict], feedback: list[dict], experiment: str | None = 
                         "wins": wins,
                         "losses": losses,
                         "win_rate": wins / n,
-                        "ci": wilson(wins, n),
-                        "p_value": float(stats.binomtest(wins, n, 0.5).pvalue),
+                        "ci": [float(x) for x in test.proportion_ci(0.95, method="wilson")],
+                        "p_value": float(test.pvalue),
                     }
                 )
         out[exp] = {"reference": ref, "arms": arm_stats, "pairwise": comparisons}
     return out
+
+
+def ab_report(cfg: JobConfig, experiment: str | None = None) -> dict:
+    """Per-arm statistics of the request log and feedback; writes serve/ab_report.json."""
+    serve_dir = cfg.run_path / "serve"
+    requests = read_jsonl(serve_dir / "requests.jsonl")
+    if not requests:
+        raise RayftError(
+            f"{serve_dir / 'requests.jsonl'}: no requests logged yet; "
+            "run `rayft serve` and send traffic to an experiment first"
+        )
+    result = report(requests, read_jsonl(serve_dir / "feedback.jsonl"), experiment)
+    if experiment is not None and experiment not in result:
+        raise RayftError(
+            f"experiment {experiment!r} has no logged requests "
+            f"(logged: {sorted({r.get('experiment') for r in requests} - {None})})"
+        )
+    (serve_dir / "ab_report.json").write_text(json.dumps(result, indent=2))
+    _print(result)
+    return result
+
+
+def _print(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    for exp, data in result.items():
+        table = Table(title=f"experiment {exp} (reference arm: {data['reference']})")
+        for col in ("arm", "requests", "errors", "p50 latency", "rating (95% CI)", "p vs ref"):
+            table.add_column(col)
+        for arm, a in data["arms"].items():
+            r = a["rating"]
+            rating = (
+                "-"
+                if r["mean"] is None
+                else f"{r['mean']:.2f}"
+                + (f" [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}]" if r["ci"] else "")
+            )
+            p = a.get(f"rating_vs_{data['reference']}", {}).get("p_value")
+            lat = a["latency_p50_s"]
+            table.add_row(
+                arm,
+                str(a["requests"]),
+                str(a["errors"]),
+                "-" if lat is None else f"{lat * 1000:.0f} ms",
+                rating,
+                "-" if p is None else f"{p:.3g}",
+            )
+        console.print(table)
+        for c in data["pairwise"]:
+            console.print(
+                f"  {c['arm']} vs {c['versus']}: win rate {c['win_rate']:.2f} "
+                f"[{c['ci'][0]:.2f}, {c['ci'][1]:.2f}] over {c['wins'] + c['losses']} "
+                f"comparisons, p={c['p_value']:.3g}"
+            )

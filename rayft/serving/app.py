@@ -1,108 +1,76 @@
-"""`rayft serve` and `rayft ab report`: config -> Ray Serve application, and back to a report."""
+"""`rayft serve`: the job file's `serve:` -> a Ray Serve application, deployed and removed."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
 from pathlib import Path
 
-from rayft.config import JobConfig, ServeConfig
+from rayft.adapters import (
+    AdapterError,
+    base_linears,
+    check_compatible,
+    fingerprint,
+    kind,
+    resolve_adapter,
+)
+from rayft.config import JobConfig
 from rayft.errors import RayftError
-from rayft.serving.ab import read_jsonl, report
-from rayft.serving.adapters import base_linears, check_compatible, fingerprint, resolve_adapter
+from rayft.serving.ab import read_jsonl
+from rayft.serving.deploy import APP_NAME, delete_merged_apps, engine_deployment
 from rayft.serving.errors import ServeError
-from rayft.serving.merged import kind, merge_adapter
-
-APP_NAME = "rayft"
-MERGED_APP = APP_NAME + "-merged-"  # + adapter name: admin-loaded merged fallbacks
+from rayft.serving.merged import merge_adapter
+from rayft.serving.registry import Registry
+from rayft.serving.state import Settings
 
 
 class ServeConfigError(RayftError):
     pass
 
 
-def _settings(cfg: JobConfig):
+def _settings(cfg: JobConfig) -> Settings:
+    """The ingress's settings from `serve:`; every name and arm checked by the registry's rules,
+    every adapter vetted, and adapters the engine cannot serve merged (into this app)."""
     from rayft import models
     from rayft.serving.engine_server import engine_class
-    from rayft.serving.ingress import Settings
 
     s = cfg.serve
     kinds = engine_class(s.engine).serves(s.dora)
     base_dir = models.resolve(cfg.model.base, cfg.model.revision)
     dirs = {"base": base_dir}
-    for name, path in s.models.items():
-        if name == "base" or name in s.adapters or name in s.experiments:
-            raise ServeConfigError(f"serve.models.{name}: the name is used twice; rename it")
-        dirs[name] = models.resolve(path, pull_missing=False)
     serve_dir = cfg.run_path.resolve() / "serve"
     linears = base_linears(base_dir)
-    adapters, merged = {}, {}
-    for name, spec in s.adapters.items():
-        try:  # the config is the operator's own: no root check, but the same file rules
+    registry = Registry(cfg.model.base)
+    try:
+        for name, path in s.models.items():
+            where = f"serve.models.{name}"
+            registry.add_model(name)
+            dirs[name] = models.resolve(path, pull_missing=False)
+        for name, spec in s.adapters.items():
+            where = f"serve.adapters.{name}"
+            # The config is the operator's own: no root check, but the same file rules.
             path = resolve_adapter(spec, None, serve_dir / "adapter_cache")
             check_compatible(path, linears, s.max_lora_rank)
-            if kind(path) not in kinds:  # served as its own engine deployment, in this app
+            if kind(path) in kinds:
+                registry.add_adapter(fingerprint(name, path))
+            else:  # served as its own engine deployment, in this app
                 dirs[name] = merge_adapter(cfg, name, path)
-                merged[name] = {"adapter": str(path), "model": dirs[name], "app": None}
-                continue
-        except ServeError as e:
-            raise ServeConfigError(f"serve.adapters.{name}: {e.message}") from None
-        adapters[name] = fingerprint(name, path)
-    known = {"base", cfg.model.base, *dirs, *adapters}
-    for exp, spec in s.experiments.items():
-        for arm in [*spec.arms, *([spec.shadow] if spec.shadow else [])]:
-            if arm not in known:
-                raise ServeConfigError(
-                    f"serve.experiments.{exp}: arm {arm!r} is neither `base`, a serve.models "
-                    f"name nor a serve.adapters name (known: {sorted(known)})"
-                )
+                registry.add_merged(name, str(path), dirs[name], None)
+        for name, exp in s.experiments.items():
+            where = f"serve.experiments.{name}"
+            registry.add_experiment(name, exp.arms, exp.shadow)
+    except (ServeError, AdapterError) as e:
+        raise ServeConfigError(f"{where}: {e.message}") from None
     return Settings(
-        base_alias=cfg.model.base,
         model_dirs=dirs,
-        engine_kind=s.engine,
         serve_dir=str(serve_dir),
         adapter_root=str(Path(s.adapter_root or cfg.run_dir).resolve()),
-        adapters=adapters,
+        registry=registry,
         adapter_kinds=kinds,
-        merged=merged,
         job=cfg,
-        experiments={n: e.model_dump() for n, e in s.experiments.items()},
         api_key=os.environ.get("RAYFT_API_KEY") or s.api_key,
         admin_key=os.environ.get("RAYFT_ADMIN_KEY") or s.admin_key,
-        max_tokens_limit=s.max_tokens_limit,
-        max_n=s.max_n,
-        max_lora_rank=s.max_lora_rank,
-    )
-
-
-def engine_deployment(s: ServeConfig, name: str, path: str):
-    """The engine deployment `engine-<name>` of one model directory (bound, not yet running)."""
-    from rayft.serving.engine_server import EngineServer
-
-    scaling = (
-        {"autoscaling_config": s.autoscaling.model_dump()}
-        if s.autoscaling
-        else {"num_replicas": s.num_replicas}
-    )
-    return EngineServer.options(
-        name=f"engine-{name}",
-        max_ongoing_requests=s.max_ongoing_requests,
-        max_queued_requests=s.max_queued_requests,
-        ray_actor_options={"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica},
-        health_check_period_s=5,
-        **scaling,
-    ).bind(
-        s.engine,
-        path,
-        s.max_loaded_adapters,
-        s.max_lora_rank,
-        s.max_batch_size,
-        s.batch_wait_ms / 1000,
-        max(1, int(s.cpus_per_replica)),
-        s.gpus_per_replica,
-        s.dora,
     )
 
 
@@ -113,7 +81,7 @@ def build_app(cfg: JobConfig):
         from rayft.serving.vllm_engine import _import_vllm
 
         _import_vllm()  # fail here, with the install hint, not inside a replica
-    from rayft.serving.ingress import Ingress
+    from rayft.serving.ingress import Ingress  # imports FastAPI and Serve's ingress machinery
 
     settings = _settings(cfg)
     engines = {name: engine_deployment(s, name, path) for name, path in settings.model_dirs.items()}
@@ -135,7 +103,7 @@ def start(cfg: JobConfig) -> str:
     registry = cfg.run_path / "serve" / "adapters.json"
     registry.unlink(missing_ok=True)  # admin loads of an earlier `rayft serve` are not revived
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
-    _delete_merged_apps()  # nor are their merged deployments (left by a crash)
+    delete_merged_apps()  # nor are their merged deployments (left by a crash)
     serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
     return f"http://{cfg.serve.host}:{cfg.serve.port}/v1"
 
@@ -145,18 +113,10 @@ def stop(shutdown: bool = True) -> None:
     every other application too, so it is only for a Ray that rayft started."""
     from ray import serve
 
-    _delete_merged_apps()
+    delete_merged_apps()
     serve.delete(APP_NAME)
     if shutdown:
         serve.shutdown()
-
-
-def _delete_merged_apps() -> None:
-    from ray import serve
-
-    for app in serve.status().applications:
-        if app.startswith(MERGED_APP):
-            serve.delete(app)
 
 
 def serve(cfg: JobConfig) -> None:
@@ -192,62 +152,6 @@ def serve(cfg: JobConfig) -> None:
             print(
                 f"rayft serve: stopped after {time.time() - started:.0f} s; "
                 f"{len(log)} requests in {cfg.run_path / 'serve' / 'requests.jsonl'}"
-            )
-
-
-def ab_report(cfg: JobConfig, experiment: str | None = None) -> dict:
-    """Per-arm statistics of the request log and feedback; writes serve/ab_report.json."""
-    serve_dir = cfg.run_path / "serve"
-    requests = read_jsonl(serve_dir / "requests.jsonl")
-    if not requests:
-        raise ServeConfigError(
-            f"{serve_dir / 'requests.jsonl'}: no requests logged yet; "
-            "run `rayft serve` and send traffic to an experiment first"
-        )
-    result = report(requests, read_jsonl(serve_dir / "feedback.jsonl"), experiment)
-    if experiment is not None and experiment not in result:
-        raise ServeConfigError(
-            f"experiment {experiment!r} has no logged requests "
-            f"(logged: {sorted({r.get('experiment') for r in requests} - {None})})"
-        )
-    (serve_dir / "ab_report.json").write_text(json.dumps(result, indent=2))
-    _print(result)
-    return result
-
-
-def _print(result: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    for exp, data in result.items():
-        table = Table(title=f"experiment {exp} (reference arm: {data['reference']})")
-        for col in ("arm", "requests", "errors", "p50 latency", "rating (95% CI)", "p vs ref"):
-            table.add_column(col)
-        for arm, a in data["arms"].items():
-            r = a["rating"]
-            rating = (
-                "-"
-                if r["mean"] is None
-                else f"{r['mean']:.2f}"
-                + (f" [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}]" if r["ci"] else "")
-            )
-            p = a.get(f"rating_vs_{data['reference']}", {}).get("p_value")
-            lat = a["latency_p50_s"]
-            table.add_row(
-                arm,
-                str(a["requests"]),
-                str(a["errors"]),
-                "-" if lat is None else f"{lat * 1000:.0f} ms",
-                rating,
-                "-" if p is None else f"{p:.3g}",
-            )
-        console.print(table)
-        for c in data["pairwise"]:
-            console.print(
-                f"  {c['arm']} vs {c['versus']}: win rate {c['win_rate']:.2f} "
-                f"[{c['ci'][0]:.2f}, {c['ci'][1]:.2f}] over {c['wins'] + c['losses']} "
-                f"comparisons, p={c['p_value']:.3g}"
             )
 
 

@@ -1,9 +1,15 @@
 """The engine deployment: one replica = one engine (a model, its tokenizer, its resident adapters).
 
-Requests go through `serve.batch`, so requests that arrive together, whatever adapter they
-name and whether they stream or not, become one `generate` call. Engine calls run in a thread
-so the replica's event loop keeps answering Serve's health checks and filling the next batch
-meanwhile.
+The two engines answer in different styles (see `protocol`), and `serve.engine` decides which
+this deployment drives:
+
+- transformers (`BatchEngine`): requests go through `serve.batch`, so requests that arrive
+  together, whatever adapter they name and whether they stream or not, become one `generate`
+  call. Engine calls run in a thread so the replica's event loop keeps answering Serve's health
+  checks and filling the next batch meanwhile.
+- vLLM (`RequestEngine`): each request goes straight to the engine's coroutines. vLLM batches
+  continuously inside, across requests that arrive at any time; gathering them here first would
+  only add the batch wait and hold every request of a batch until its slowest one is answered.
 """
 
 from __future__ import annotations
@@ -30,24 +36,6 @@ def engine_class(kind: str) -> type:
     return TransformersEngine
 
 
-def make_engine(
-    kind: str,
-    model_path: str,
-    max_loaded_adapters: int,
-    max_lora_rank: int,
-    gpus: float = 0,
-    dora: str = "native",
-):
-    if kind == "vllm":
-        return engine_class(kind)(
-            model_path,
-            max_loras=max_loaded_adapters,
-            max_lora_rank=max_lora_rank,
-            tensor_parallel_size=max(1, int(gpus)),  # a replica's GPUs shard the model
-        )
-    return engine_class(kind)(model_path, max_loaded_adapters, max_lora_rank, dora=dora)
-
-
 @serve.deployment
 class EngineServer:
     def __init__(
@@ -66,14 +54,25 @@ class EngineServer:
 
         # Replicas share the machine's cores with each other: oversubscribed BLAS threads thrash.
         torch.set_num_threads(max(1, threads))
-        self.engine = make_engine(kind, model_path, max_loaded_adapters, max_lora_rank, gpus, dora)
-        self.generate_batch.set_max_batch_size(max_batch_size)
-        self.generate_batch.set_batch_wait_timeout_s(batch_wait_s)
+        self.per_request = kind == "vllm"  # a RequestEngine; otherwise a BatchEngine
+        if self.per_request:
+            self.engine = engine_class(kind).start(
+                model_path,
+                max_loras=max_loaded_adapters,
+                max_lora_rank=max_lora_rank,
+                tensor_parallel_size=max(1, int(gpus)),  # a replica's GPUs shard the model
+            )
+        else:
+            self.engine = engine_class(kind)(
+                model_path, max_loaded_adapters, max_lora_rank, dora=dora
+            )
+            self.generate_batch.set_max_batch_size(max_batch_size)
+            self.generate_batch.set_batch_wait_timeout_s(batch_wait_s)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)  # both set in __init__
     async def generate_batch(self, requests: list[GenRequest]):
-        """Streaming and plain requests share batches. A batch without streams is one plain
-        `generate`; with streams, each request gets its entries as they come (see
+        """BatchEngine only. Streaming and plain requests share batches. A batch without streams
+        is one plain `generate`; with streams, each request gets its entries as they come (see
         `stream_batch`) and plain ones wait for their last."""
         if not any(r.stream for r in requests):
             yield await asyncio.to_thread(self.engine.generate, requests)
@@ -84,6 +83,8 @@ class EngineServer:
             yield [StopIteration if x is None else x for x in out]  # None: that one is over
 
     async def generate(self, request: GenRequest) -> GenResult:
+        if self.per_request:
+            return await self.engine.generate(request)
         result = None
         async for item in self.generate_batch(replace(request, stream=False)):
             result = item  # the last entry: its GenResult (the others are '')
@@ -92,11 +93,22 @@ class EngineServer:
         return result
 
     async def stream(self, request: GenRequest) -> AsyncIterator[str | GenResult]:
+        if self.per_request:
+            async for piece in self.engine.stream(request):
+                yield piece
+            return
         async for piece in self.generate_batch(replace(request, stream=True)):
             if isinstance(piece, Exception):
                 raise piece
             if piece:  # '' while others in the batch produce text
                 yield piece
+
+    async def check_health(self) -> None:
+        """Serve calls this every health_check_period_s and replaces the replica when it raises.
+        A BatchEngine runs in this process (the replica's own liveness is its health); vLLM runs
+        its engine in processes of its own, which can die under a live replica."""
+        if self.per_request:
+            await self.engine.check_health()
 
     def loaded_adapters(self) -> list[str]:
         return self.engine.loaded_adapters()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+
+from rayft.adapters import AdapterError
 from rayft.errors import RayftError
 
 
@@ -50,9 +53,14 @@ class Overloaded(ServeError):
 
 
 class AdapterRefused(ServeError):
-    """An adapter that is unsafe or incompatible with the base model: nothing was loaded."""
+    """An adapter that is unsafe or incompatible with the base model: nothing was loaded.
+    rayft.adapters' checks raise AdapterError (merge and eval use them too); `of` answers one."""
 
     status = 400
+
+    @classmethod
+    def of(cls, e: AdapterError) -> AdapterRefused:
+        return cls(e.message, e.param)
 
 
 class EngineFailed(ServeError):
@@ -61,3 +69,35 @@ class EngineFailed(ServeError):
 
     status = 500
     type = "server_error"
+
+
+def serve_error(e: BaseException) -> ServeError | None:
+    """The ServeError that an exception from an engine deployment or Ray task stands for: a
+    full queue is a 503, a ServeError or AdapterError raised over there (an adapter that cannot
+    be loaded) is itself rather than Ray's RayTaskError around it; None for anything else (a
+    server fault)."""
+    from ray.exceptions import RayTaskError
+    from ray.serve.exceptions import BackPressureError
+
+    if isinstance(e, RayTaskError):
+        e = e.cause
+    if isinstance(e, ServeError):
+        return e
+    if isinstance(e, AdapterError):
+        return AdapterRefused.of(e)
+    if isinstance(e, BackPressureError):
+        return Overloaded("The server is at capacity; retry later", code="overloaded")
+    return None
+
+
+@contextlib.contextmanager
+def engine_errors():
+    """Around a call to an engine deployment or a Ray task: raise `serve_error(e)` instead of e
+    where there is one."""
+    try:
+        yield
+    except Exception as e:
+        err = serve_error(e)
+        if err is None or err is e:
+            raise
+        raise err from None

@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from rayft.adapters import check_compatible
+from rayft.dtypes import default_dtype, torch_dtype
 from rayft.serving import lora_batch
-from rayft.serving.adapters import check_compatible
 from rayft.serving.errors import AdapterRefused, EngineFailed, ServeError
 from rayft.serving.protocol import AdapterRef, GenRequest, GenResult
 
@@ -44,7 +45,7 @@ class TransformersEngine:
     ):
         self.adapter_kinds = self.serves(dora)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
+        dtype = torch_dtype(default_dtype(self.device == "cuda"))
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device)
         self.model.eval()
@@ -58,7 +59,12 @@ class TransformersEngine:
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id
-        self.eos_id = self.tokenizer.eos_token_id
+        # Where an answer ends: the tokenizer's end token and every end token the model's
+        # generation config names (Llama 3's end-of-turn besides end-of-text; `rayft merge`
+        # writes the trained end-of-turn ids there).
+        declared = self.model.generation_config.eos_token_id
+        declared = declared if isinstance(declared, list) else [declared]
+        self.eos_ids = sorted({self.tokenizer.eos_token_id, *declared} - {None})
         self._peft = None  # the PeftModel wrapping self.model once an adapter is resident
         self._resident: OrderedDict[str, str] = OrderedDict()  # key -> name, oldest first
         self._merged: dict[str, torch.nn.Module] = {}  # key -> DoRA merged fallback
@@ -173,6 +179,23 @@ class TransformersEngine:
                         on_step(i, res)
         return results  # type: ignore[return-value]
 
+    def logits(
+        self, ids: torch.Tensor, mask: torch.Tensor, adapter: AdapterRef | None = None
+    ) -> torch.Tensor:
+        """Teacher-forced float32 logits of the very model that answers `adapter`'s requests
+        (a DoRA adapter's merged copy, LoRA rows through the same stacked layers)."""
+        with self._lock:
+            merged = None
+            if adapter is not None:
+                self._ensure(adapter, {adapter.key})
+                merged = adapter.key if adapter.key in self._merged else None
+            model, extra, ctx = self._pick([GenRequest([], 1, adapter=adapter)] * len(ids), merged)
+            with ctx, torch.inference_mode():
+                out = model(
+                    input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **extra
+                )
+        return out.logits.float()
+
     def _pick(self, reqs: list[GenRequest], merged: str | None) -> tuple:
         """(model, extra generate kwargs, context manager) for one homogeneous group."""
         if merged is not None:
@@ -189,7 +212,7 @@ class TransformersEngine:
         return self._peft, {"adapter_names": names}, contextlib.nullcontext()
 
     def _gen_kwargs(self, r: GenRequest, max_new: int) -> dict:
-        kw = {"max_new_tokens": max_new, "pad_token_id": self.pad_id, "eos_token_id": self.eos_id}
+        kw = {"max_new_tokens": max_new, "pad_token_id": self.pad_id, "eos_token_id": self.eos_ids}
         if r.temperature == 0:
             kw.update(do_sample=False)
         else:
@@ -215,12 +238,14 @@ class TransformersEngine:
             out = model.generate(input_ids=ids, attention_mask=mask, streamer=streamer, **kw)
         return [self._result(r, out[i, ids.shape[1] :].tolist()) for i, r in enumerate(reqs)]
 
+    def _until_eos(self, tokens: list[int]) -> tuple[list[int], bool]:
+        """The tokens before the first end token, and whether there was one."""
+        end = next((i for i, t in enumerate(tokens) if t in self.eos_ids), None)
+        return (tokens, False) if end is None else (tokens[:end], True)
+
     def _result(self, r: GenRequest, tokens: list[int]) -> GenResult:
-        tokens = tokens[: r.max_tokens]
-        finish = "length"
-        if self.eos_id in tokens:
-            tokens = tokens[: tokens.index(self.eos_id)]
-            finish = "stop"
+        tokens, ended = self._until_eos(tokens[: r.max_tokens])
+        finish = "stop" if ended else "length"
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         cut = cut_at_stop(text, r.stop)
         if cut is not None:
@@ -293,8 +318,7 @@ class TransformersEngine:
     def _partial(self, r: GenRequest, tokens: list[int]) -> str:
         """The text of an unfinished answer that is safe to show: complete words only, and
         nothing that could still become the start of a stop string."""
-        if self.eos_id in tokens:
-            tokens = tokens[: tokens.index(self.eos_id)]
+        tokens, _ = self._until_eos(tokens)
         text = self.tokenizer.decode(tokens[: r.max_tokens], skip_special_tokens=True)
         cut = cut_at_stop(text, r.stop)
         if cut is not None:
@@ -327,7 +351,7 @@ class _StepStreamer:
             if self.answered[j] is not None:
                 continue
             self.tokens[j].append(t)
-            if t == self.engine.eos_id or len(self.tokens[j]) >= self.reqs[j].max_tokens:
+            if t in self.engine.eos_ids or len(self.tokens[j]) >= self.reqs[j].max_tokens:
                 self.answered[j] = self.engine._result(self.reqs[j], self.tokens[j])
                 self.on_step(self.rows[j], self.answered[j])
 

@@ -15,20 +15,16 @@ import hashlib
 import shutil
 from pathlib import Path
 
-from rayft.config import JobConfig
+from rayft.adapters import CONFIG, WEIGHTS, fingerprint, kind
+from rayft.config import DeepSpeedConfig, JobConfig
+from rayft.dtypes import default_dtype
 from rayft.errors import RayftError
-from rayft.serving.adapters import CONFIG, WEIGHTS, fingerprint, read_config
 from rayft.serving.errors import AdapterRefused
-
-
-def kind(adapter: Path) -> str:
-    """ "dora" or "lora": what an engine must be able to serve for this adapter."""
-    return "dora" if read_config(adapter).get("use_dora") else "lora"
 
 
 def _dtype(job: JobConfig) -> str:
     if job.export.dtype == "auto":  # the dtype the engine computes in, not the training side's
-        return "bfloat16" if job.serve.gpus_per_replica else "float32"
+        return default_dtype(job.serve.gpus_per_replica > 0)
     return job.export.dtype
 
 
@@ -70,8 +66,11 @@ def merge_adapter(job: JobConfig, name: str, adapter: str | Path) -> str:
             "name": name,
             "run_dir": str(work),
             # Against the unquantized base even for a QLoRA-trained adapter: what an engine
-            # serving the adapter itself computes, so both ways answer alike.
-            "training": job.training.model_copy(update={"method": kind(adapter)}),
+            # serving the adapter itself computes, so both ways answer alike. No DeepSpeed: an
+            # unquantized merge does not depend on it, and a raw config file need not be here.
+            "training": job.training.model_copy(
+                update={"method": kind(adapter), "deepspeed": DeepSpeedConfig()}
+            ),
             "export": export,
         }
     )

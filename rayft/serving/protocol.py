@@ -1,16 +1,21 @@
 """The engine interface: what the Serve deployments need from a model runtime.
 
-A Protocol, not a base class: `hf_engine.TransformersEngine` (CPU and GPU) and
-`vllm_engine.VllmEngine` (GPU) share no code, only these signatures.
+Protocols, not base classes: `hf_engine.TransformersEngine` (CPU and GPU) and
+`vllm_engine.VllmEngine` (GPU) share no code, only these signatures. They answer in two styles,
+and `serve.engine` decides which one a deployment drives: the transformers engine is a
+`BatchEngine` (blocking calls on whole batches, which the deployment gathers with `serve.batch`
+and runs in a thread), vLLM is a `RequestEngine` (a coroutine per request: it batches
+continuously inside, so the deployment hands it each request as it comes).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from rayft.serving.errors import ServeError
+if TYPE_CHECKING:  # errors imports rayft.adapters, which imports AdapterRef from here
+    from rayft.serving.errors import ServeError
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,8 @@ class GenResult:
 
 
 class Engine(Protocol):
+    """What both styles have."""
+
     adapter_kinds: frozenset[str]  # "lora", "dora": what it serves; the rest is merged first
 
     @staticmethod
@@ -51,6 +58,18 @@ class Engine(Protocol):
         """The adapter kinds an engine built with this `serve.dora` serves itself (known before
         any replica starts, so config adapters can be merged while the app is built)."""
         ...
+
+    def check_adapter(self, path: str) -> dict:
+        """Raise AdapterError unless the adapter at `path` fits this base; return its summary."""
+        ...
+
+    def loaded_adapters(self) -> list[str]:
+        """Names of the adapters resident now (at most `serve.max_loaded_adapters`)."""
+        ...
+
+
+class BatchEngine(Engine, Protocol):
+    """The transformers engine: blocking, a batch per call."""
 
     def generate(self, requests: list[GenRequest]) -> list[GenResult | ServeError]:
         """Answer a batch; requests may name different adapters. An entry is a ServeError when
@@ -65,8 +84,17 @@ class Engine(Protocol):
         ServeError once, then None."""
         ...
 
-    def check_adapter(self, path: str) -> dict:
-        """Raise AdapterRefused unless the adapter at `path` fits this base; return its summary."""
+
+class RequestEngine(Engine, Protocol):
+    """The vLLM engine: a coroutine per request, on the deployment's event loop. A request that
+    fails raises its ServeError (AdapterRefused, BadRequest, EngineFailed) to its caller only."""
+
+    async def generate(self, request: GenRequest) -> GenResult: ...
+
+    def stream(self, request: GenRequest) -> AsyncIterator[str | GenResult]:
+        """Text pieces as they are produced, then the GenResult."""
         ...
 
-    def loaded_adapters(self) -> list[str]: ...
+    async def check_health(self) -> None:
+        """Raise when the engine cannot answer any more (the replica must be replaced)."""
+        ...

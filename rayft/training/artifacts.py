@@ -12,7 +12,7 @@ from rayft.config import JobConfig
 
 # Files of an HF checkpoint that only resuming needs; everything else is the model.
 _TRAINING_STATE = ("optimizer.pt", "scheduler.pt", "trainer_state.json", "training_args.bin",
-                   "latest", "zero_to_fp32.py", "README.md")  # fmt: skip
+                   "latest", "zero_to_fp32.py", "zero_to_torch.py", "README.md")  # fmt: skip
 
 
 def export_model(checkpoint_dir: Path, dest: Path, base_path: str, peft: bool) -> Path:

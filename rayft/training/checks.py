@@ -84,10 +84,13 @@ def problems(cfg: JobConfig, data_kind: str) -> list[str]:
                 "flattens and shards parameters by dtype and breaks packed uint8 4-bit weights; "
                 "use quant_storage: bfloat16 (or auto)"
             )
-        if ds.offload_params:
+        # The resolved config's offload (a raw one's own), not the `offload_params` key.
+        param = (config or {}).get("zero_optimization", {}).get("offload_param") or {}
+        if ds.offload_params or param.get("device", "none") != "none":
             out.append(
-                "training.method=qlora with deepspeed.offload_params: 4-bit bitsandbytes weights "
-                "cannot be offloaded by ZeRO-3; offload the optimizer only"
+                "training.method=qlora with parameter offload (deepspeed.offload_params or a raw "
+                "config's zero_optimization.offload_param): 4-bit bitsandbytes weights cannot be "
+                "offloaded by ZeRO-3; offload the optimizer only"
             )
         if q.compute_dtype == "float16" and not cfg.cluster.use_gpu:
             out.append(

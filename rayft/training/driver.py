@@ -19,7 +19,8 @@ from rayft.errors import RayftError
 from rayft.training.artifacts import export_model, read_metrics, summarize, write_card
 from rayft.training.checks import TrainConfigError, objective_for, refuse_bad_combinations
 from rayft.training.data import data_kind, read_splits
-from rayft.training.dsconfig import deepspeed_config, zero_stage
+from rayft.training.dsconfig import deepspeed_config
+from rayft.training.facts import resolve, tokenizer_facts
 from rayft.training.flops import flops_per_token, mfu, parameter_count
 from rayft.training.report import END_ROW, MetricsFile
 from rayft.training.worker import train_loop_per_worker
@@ -52,8 +53,9 @@ def train(cfg: JobConfig, resume: bool = False) -> TrainArtifacts:
         t.deepspeed.offload_params,
         t.deepspeed.raw_config,
     )
-    stage = zero_stage(ds_config)
     base_path = models.resolve(cfg.model.base, cfg.model.revision)
+    facts = resolve(cfg, ds_config, base_path)
+    stage = facts["deepspeed"]["zero_stage"]
     storage = cfg.cluster.storage_path or str(run_dir / "checkpoints")
     _check_resume(storage, cfg.name, resume)
 
@@ -65,7 +67,7 @@ def train(cfg: JobConfig, resume: bool = False) -> TrainArtifacts:
     ):
         splits = read_splits(data_dir, kind)
         trainer = _torch_trainer(cfg, splits, storage, run_dir, _worker_config(
-            cfg, base_path, objective, kind, ds_config, "validation" in splits
+            cfg, facts, objective, kind, ds_config, "validation" in splits
         ))  # fmt: skip
         print(
             f"[rayft train] {cfg.name}: {t.method} {objective} on {cfg.model.base}, "
@@ -101,9 +103,11 @@ def train(cfg: JobConfig, resume: bool = False) -> TrainArtifacts:
     data_hash = _data_hash(run_dir, data_dir)
     write_card(out_dir, cfg, base_path, data_hash, summary)
     (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    # The tokenizer saved with the weights: the one merge and serving find next to them.
+    facts = {**facts, "tokenizer": tokenizer_facts(out_dir, run_dir)}
     manifest.record_stage(
         run_dir, "train", cfg, data_hash=data_hash, base_path=base_path, output=str(out_dir),
-        metrics=summary,
+        metrics=summary, facts=facts,
     )  # fmt: skip
     print(
         f"[rayft train] done: {summary['steps']} steps, {summary['tokens']} tokens in "
@@ -115,13 +119,17 @@ def train(cfg: JobConfig, resume: bool = False) -> TrainArtifacts:
 
 
 def _worker_config(
-    cfg: JobConfig, base_path: str, objective: str, kind: str, ds_config: dict | None, has_val: bool
+    cfg: JobConfig,
+    facts: dict[str, Any],
+    objective: str,
+    kind: str,
+    ds_config: dict | None,
+    has_val: bool,
 ) -> dict[str, Any]:
-    """Plain values for the workers (the config object itself stays on the driver)."""
+    """Plain values for the workers (the config object itself stays on the driver); the model
+    is built from `facts`, what run.json records as trained."""
     t, c = cfg.training, cfg.cluster
     save_steps = t.save_steps or t.max_steps
-    precision = t.precision
-    bf16 = precision == "bf16" or (precision == "auto" and c.use_gpu)
     hf: dict[str, Any] = {
         "max_steps": t.max_steps,
         "learning_rate": t.learning_rate,
@@ -134,8 +142,9 @@ def _worker_config(
         "activation_checkpointing": t.gradient_checkpointing,
         "activation_checkpointing_kwargs": {"use_reentrant": False},
         "max_grad_norm": t.max_grad_norm,
-        "bf16": bf16,
-        "fp16": precision == "fp16",
+        # mixed precision in the dtype the weights are loaded in
+        "bf16": facts["compute_dtype"] == "bfloat16",
+        "fp16": facts["compute_dtype"] == "float16",
         "seed": t.seed,
         "data_seed": t.seed,
         "logging_steps": t.logging_steps,
@@ -156,18 +165,15 @@ def _worker_config(
     if t.tracking.backends:
         hf["run_name"] = cfg.name
     return {
-        "base_path": base_path,
+        "base_path": facts["base"]["path"],
         "revision": cfg.model.revision,
         "trust_remote_code": cfg.model.trust_remote_code,
-        "method": t.method,
+        "facts": facts,
         "objective": objective,
         "kind": kind,
         "lora": t.lora.model_dump(),
-        "quant": t.quantization.model_dump(),
-        "zero_stage": zero_stage(ds_config),
         "ds_config": ds_config,
         "use_gpu": c.use_gpu,
-        "precision": precision,
         "seed": t.seed,
         "has_validation": has_val,
         "dpo_beta": t.dpo_beta,

@@ -11,7 +11,7 @@ import ray.train
 from torch.utils.data import DataLoader
 
 from rayft.training.data import collate_padding_free, endless_rows, features, one_pass
-from rayft.training.model import adapter_config, compute_dtype, load_base
+from rayft.training.model import adapter_config, load_base
 from rayft.training.report import RayReport
 
 
@@ -43,10 +43,7 @@ def _train(config: dict[str, Any], output_dir: str) -> None:
         tokenizer.pad_token = tokenizer.eos_token
     model = load_base(
         config["base_path"],
-        config["method"],
-        compute_dtype(config["precision"], config["use_gpu"]),
-        config["quant"],
-        config["zero_stage"],
+        config["facts"],
         config["use_gpu"],
         revision=config["revision"],
         trust_remote_code=config["trust_remote_code"],
@@ -82,7 +79,7 @@ def _train(config: dict[str, Any], output_dir: str) -> None:
         "train_dataset": train_ds,
         "eval_dataset": eval_ds,
         "processing_class": tokenizer,
-        "peft_config": adapter_config(config["method"], config["lora"]),
+        "peft_config": adapter_config(config["facts"]["method"], config["lora"]),
         "callbacks": [RayReport(config.get("fault"), config["hf"]["max_steps"], objective)],
     }
     if objective == "dpo":

@@ -1,0 +1,152 @@
+"""What the server answers by name: the base, merged models, adapters and experiments.
+
+The one home of the naming rules: a name means one thing (the base and its alias, a model with
+an engine deployment, an adapter, an experiment), experiments' arms are models, never other
+experiments, and every arm exists. The same rules check `serve:` in the job file when the app
+is built and the admin API at run time. The state is persisted (`<run_dir>/serve/adapters.json`)
+so a restarted ingress serves what was loaded before it. Plain Python: tested without Serve.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rayft.serving.errors import BadRequest, NotFound
+from rayft.serving.protocol import AdapterRef
+from rayft.serving.routing import Target, resolve
+
+
+@dataclass
+class Registry:
+    base_alias: str  # model.base as the job file writes it; `base` always works too
+    models: set[str] = field(default_factory=set)  # configured model dirs (serve.models)
+    adapters: dict[str, AdapterRef] = field(default_factory=dict)
+    # adapter name -> {"adapter": dir, "model": merged dir, "app": None (configured, in the
+    # main app) or the Serve application of an admin-loaded one}
+    merged: dict[str, dict] = field(default_factory=dict)
+    experiments: dict[str, dict] = field(default_factory=dict)  # name -> {"arms", "shadow"}
+    path: Path | None = None  # where the state is persisted; None: not persisted
+
+    # ------------------------------------------------------------------ names
+
+    def engines(self) -> set[str]:
+        """Names that have an engine deployment of their own: the base, models, merged adapters."""
+        return {"base", *self.models, *self.merged}
+
+    def holder(self, name: str) -> str | None:
+        """What `name` means now ("the base model", "a model", ...), or None if it is free."""
+        if name in ("base", self.base_alias):
+            return "the base model"
+        if name in self.models:
+            return "a model"
+        if name in self.adapters or name in self.merged:
+            return "an adapter"
+        if name in self.experiments:
+            return "an experiment"
+        return None
+
+    def check_free(self, name: str, what: str, replaces: str | None = None) -> None:
+        """Refuse `name` for a new `what` unless it is free or holds a `replaces` (a reload)."""
+        holder = self.holder(name)
+        if holder is not None and holder != replaces:
+            raise BadRequest(
+                f"name {name!r} is taken by {holder}; pick another for the {what}", "name"
+            )
+
+    def route(self, model: str, user: str | None) -> tuple[Target, Target | None]:
+        """(the target that answers, the shadow target or None) for a request's `model`."""
+        return resolve(
+            model,
+            self.base_alias,
+            self.engines() - {"base"},
+            self.adapters,
+            self.experiments,
+            user,
+        )
+
+    def arms_of(self, adapter: str) -> list[str]:
+        """Experiments that route traffic (answers or shadow copies) to `adapter`."""
+        return [
+            e
+            for e, x in self.experiments.items()
+            if adapter in x["arms"] or x.get("shadow") == adapter
+        ]
+
+    # ------------------------------------------------------------------ changes
+
+    def add_model(self, name: str) -> None:
+        self.check_free(name, "model")
+        self.models.add(name)
+
+    def add_adapter(self, ref: AdapterRef) -> None:
+        self.check_free(ref.name, "adapter", replaces="an adapter")
+        self.merged.pop(ref.name, None)
+        self.adapters[ref.name] = ref
+
+    def add_merged(self, name: str, adapter: str, model: str, app: str | None) -> dict | None:
+        """Serve adapter `name` as the merged model `model`; returns the entry it replaces."""
+        self.check_free(name, "adapter", replaces="an adapter")
+        self.adapters.pop(name, None)
+        old = self.merged.get(name)
+        self.merged[name] = {"adapter": adapter, "model": model, "app": app}
+        return old
+
+    def remove_adapter(self, name: str) -> dict | None:
+        """Forget adapter `name`; returns its merged entry when it was served merged."""
+        if name not in self.adapters and name not in self.merged:
+            raise NotFound(f"No adapter named {name!r}", "name")
+        users = self.arms_of(name)
+        if users:
+            raise BadRequest(
+                f"adapter {name!r} is an arm of experiment(s) {users}; delete those first", "name"
+            )
+        self.adapters.pop(name, None)
+        return self.merged.pop(name, None)
+
+    def add_experiment(self, name: str, arms: dict[str, float], shadow: str | None) -> None:
+        """Arm weights are checked by the request and config models (ExperimentConfig)."""
+        self.check_free(name, "experiment", replaces="an experiment")
+        for arm in [*arms, *([shadow] if shadow else [])]:
+            if arm in self.experiments or arm == name:
+                raise BadRequest(f"arm {arm!r} is an experiment; arms are models", "arms")
+            try:
+                self.route(arm, None)
+            except NotFound:
+                known = sorted({"base", *self.engines(), *self.adapters})
+                raise NotFound(
+                    f"arm {arm!r} is neither `base`, a model nor an adapter (known: {known})",
+                    "arms",
+                    "model_not_found",
+                ) from None
+        self.experiments[name] = {"arms": dict(arms), "shadow": shadow}
+
+    def remove_experiment(self, name: str) -> None:
+        if self.experiments.pop(name, None) is None:
+            raise NotFound(f"No experiment named {name!r}", "name")
+
+    # ------------------------------------------------------------------ persistence
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        data = {
+            "adapters": {n: vars(a) for n, a in self.adapters.items()},
+            "experiments": self.experiments,
+            "merged": self.merged,
+        }
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=2))
+        tmp.replace(self.path)
+
+    def restore(self) -> bool:
+        """Take the persisted state (the whole state: unloads of configured names included);
+        False when nothing was persisted."""
+        if self.path is None or not self.path.exists():
+            return False
+        saved = json.loads(self.path.read_text())
+        self.adapters = {n: AdapterRef(**a) for n, a in saved["adapters"].items()}
+        self.experiments = saved["experiments"]
+        self.merged = saved.get("merged", {})
+        return True

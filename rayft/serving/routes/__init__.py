@@ -1,0 +1,1 @@
+"""The OpenAI routes, one module per resource; each defines a FastAPI `router`."""

@@ -1,0 +1,123 @@
+"""What the ingress's routes share: settings, engine handles, tokenizers, the registry, the
+request log and metrics. One object per ingress replica, built in its constructor."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import Depends, Request
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from rayft.adapters import base_linears
+from rayft.config import JobConfig
+from rayft.serving.ab import JsonlLog
+from rayft.serving.errors import BadRequest, Unauthorized
+from rayft.serving.metrics import Metrics
+from rayft.serving.registry import Registry
+
+
+@dataclass
+class Settings:
+    """What the ingress needs, taken from the job config by `app.build_app`."""
+
+    model_dirs: dict[str, str]  # engine name ("base", a model or merged adapter) -> directory
+    serve_dir: str  # <run_dir>/serve
+    adapter_root: str
+    registry: Registry  # as configured; a persisted one replaces it (see IngressState)
+    adapter_kinds: frozenset[str]  # what the engine serves itself; the rest is merged
+    job: JobConfig  # merges and engine deployments made at run time need the base and serve
+    api_key: str | None = None
+    admin_key: str | None = None
+
+
+class IngressState:
+    def __init__(self, engines: dict[str, DeploymentHandle], settings: Settings):
+        self.s = settings
+        self.limits = {
+            "max_n": settings.job.serve.max_n,
+            "max_tokens_limit": settings.job.serve.max_tokens_limit,
+        }
+        self.engines = dict(engines)
+        self.tokenizers, self.context, self.vocab = {}, {}, {}
+        for name, path in settings.model_dirs.items():
+            self.add_model(name, path)
+        self.linears = base_linears(settings.model_dirs["base"])
+        serve_dir = Path(settings.serve_dir)
+        self.requests = JsonlLog(serve_dir / "requests.jsonl")
+        self.feedback = JsonlLog(serve_dir / "feedback.jsonl")
+        self.registry = settings.registry
+        self.registry.path = serve_dir / "adapters.json"
+        configured = dict(self.registry.merged)
+        if self.registry.restore():  # admin changes outlive an ingress restart
+            for name in set(configured) - set(self.registry.merged):  # configured, unloaded
+                self.drop_model(name)
+            for name, m in self.registry.merged.items():
+                if m["app"] is not None:  # admin-loaded: its own application, still running
+                    self.engines[name] = serve.get_deployment_handle(
+                        f"engine-{name}", app_name=m["app"]
+                    )
+                    self.add_model(name, m["model"])
+        self.arm_of: dict[str, dict] = {}  # response id -> log record, for feedback
+        self.metrics = Metrics()
+        self._background: set[asyncio.Task] = set()
+        # Admin loads and unloads await merges and deployments: without this, a DELETE could
+        # land between a load's checks and its registry update, or two loads of one name
+        # could each deploy and then delete the other's weights.
+        self.admin_lock = asyncio.Lock()
+
+    def auth(self, request: Request, key: str | None = None) -> None:
+        key = self.s.api_key if key is None else key
+        if key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            raise Unauthorized(
+                "Missing or wrong API key: send `Authorization: Bearer <key>`",
+                code="invalid_api_key",
+            )
+
+    def admin(self, request: Request) -> None:
+        # No admin key means no admin API: loading code-adjacent files must never be open.
+        if self.s.admin_key is None:
+            raise Unauthorized(
+                "The admin API is off: set serve.admin_key (or RAYFT_ADMIN_KEY) to use it",
+                code="admin_disabled",
+            )
+        self.auth(request, self.s.admin_key)
+
+    async def body(self, request: Request) -> object:
+        try:
+            return await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise BadRequest("The body is not valid JSON", code="invalid_json") from None
+
+    def add_model(self, name: str, path: str) -> None:
+        from transformers import AutoConfig, AutoTokenizer
+
+        self.tokenizers[name] = AutoTokenizer.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path)
+        self.context[name] = config.max_position_embeddings
+        self.vocab[name] = config.vocab_size
+
+    def drop_model(self, name: str) -> None:
+        for table in (self.engines, self.tokenizers, self.context, self.vocab):
+            table.pop(name, None)
+
+    def spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)  # keep a reference: the loop only holds weak ones
+        task.add_done_callback(self._background.discard)
+
+
+def _of(request: Request) -> IngressState:
+    return request.app.state.ingress  # set by the Ingress when it builds its app
+
+
+# A route's parameter `st: State` receives its replica's IngressState.
+State = Annotated[IngressState, Depends(_of)]
