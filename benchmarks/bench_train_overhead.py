@@ -68,7 +68,7 @@ def plain_loop(run_dir: Path, steps: int) -> tuple[float, float]:
     from trl import SFTTrainer
 
     from rayft import models
-    from rayft.training.data import collate_padding_free, features
+    from rayft.training.data import collator, features
     from rayft.training.driver import _worker_config
     from rayft.training.facts import resolve
     from rayft.training.model import adapter_config, load_base
@@ -79,7 +79,7 @@ def plain_loop(run_dir: Path, steps: int) -> tuple[float, float]:
     base = models.resolve("tiny-llama")
     wc = _worker_config(cfg, resolve(cfg, None, base), "sft", "sft", None, has_val=False)
     table = pads.dataset(run_dir / "data" / "packed" / "train.parquet").to_table()
-    rows = table.select(["input_ids", "labels", "position_ids"]).to_pylist()
+    rows = table.select(["input_ids", "labels", "seq_lengths"]).to_pylist()
 
     def endless():
         while True:
@@ -100,7 +100,7 @@ def plain_loop(run_dir: Path, steps: int) -> tuple[float, float]:
         args=args,
         train_dataset=IterableDataset.from_generator(endless, features=features("sft")),
         processing_class=tok,
-        data_collator=collate_padding_free,
+        data_collator=collator(tok.pad_token_id or 0),
         peft_config=adapter_config("lora", wc["lora"]),
         callbacks=[Clock()],
     )

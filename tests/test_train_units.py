@@ -11,7 +11,7 @@ from train_data import chat_rows, pack, tokenize_chat, write_preference, write_s
 from rayft.config import JobConfig
 from rayft.training import TrainConfigError, train
 from rayft.training.checks import problems
-from rayft.training.data import collate_padding_free
+from rayft.training.data import collator
 from rayft.training.dsconfig import DeepSpeedConfigError, deepspeed_config
 from rayft.training.facts import resolve
 
@@ -43,8 +43,9 @@ def test_packed_examples_stay_independent(tiny_model):
     pos = torch.tensor([packed["position_ids"]])
     assert find_packed_sequence_indices(pos)[0].tolist() == [0] * len(a[0]) + [1] * len(b[0])
 
-    batch = collate_padding_free([packed])
+    batch = collator(tok.pad_token_id or 0)([packed])
     assert "attention_mask" not in batch
+    assert batch["position_ids"].tolist() == [packed["position_ids"]]  # from its seq_lengths
     with torch.no_grad():
         together = model(**batch).logits[0]
         alone_a = model(input_ids=torch.tensor([a[0]])).logits[0]
@@ -67,17 +68,19 @@ def test_packed_examples_stay_independent(tiny_model):
     # Without the restart, or with a KV cache, the second example sees the first.
     with torch.no_grad():
         leaky = model(input_ids=batch["input_ids"]).logits[0][len(a[0]) :]
-        cached = model(**batch, use_cache=True).logits[0][len(a[0]) :]
+        cached = model(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=True
+        ).logits[0][len(a[0]) :]
     assert not torch.allclose(leaky, alone_b, atol=1e-3)
     assert not torch.allclose(cached, alone_b, atol=1e-3)
 
 
 def test_collator_masks_the_first_token_of_every_example():
     rows = [
-        {"input_ids": [5, 6, 7, 8, 9], "labels": [5, 6, 7, 8, 9], "position_ids": [0, 1, 2, 0, 1]},
-        {"input_ids": [3, 4], "labels": [-100, 4], "position_ids": [0, 1]},
+        {"input_ids": [5, 6, 7, 8, 9], "labels": [5, 6, 7, 8, 9], "seq_lengths": [3, 2]},
+        {"input_ids": [3, 4], "labels": [-100, 4], "seq_lengths": [2]},
     ]
-    batch = collate_padding_free(rows)
+    batch = collator(0)(rows)
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 3, 4]]
     assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9, -100, 4]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1]]
@@ -306,7 +309,7 @@ def test_shard_cache_replays_epochs_without_rereading(ray_local):
     n = 40
     lengths = [3 + i % 5 for i in range(n)]
     items = [
-        {"input_ids": [i] * k, "labels": [i] * k, "position_ids": list(range(k))}
+        {"input_ids": [i] * k, "labels": [i] * k, "seq_lengths": [k]}
         for i, k in enumerate(lengths)
     ]
     ds = ray.data.from_items(items)
@@ -374,3 +377,27 @@ def test_metrics_file_replaces_the_steps_a_restored_run_replays(tmp_path):
         "step": 7,
         "train_runtime": 1.0,
     }
+
+
+def test_validation_rows_are_read_once_when_they_fit():
+    """Each evaluation read the validation shard again: a Ray Data execution per evaluation.
+    Rows that fit in the shard cache are kept after the first full pass and replayed."""
+    from rayft.training.worker import _KeptRows
+
+    class Source:
+        passes = 0
+
+        def __iter__(self):
+            Source.passes += 1
+            yield from ({"input_ids": [i] * 4, "labels": [i] * 4} for i in range(10))
+
+    kept = _KeptRows(Source(), limit=2**20)
+    first, second = list(kept), list(kept)
+    assert first == second and len(first) == 10 and Source.passes == 1
+    Source.passes = 0
+    small = _KeptRows(Source(), limit=100)  # 10 rows x 64 bytes do not fit: read every time
+    assert list(small) == first and list(small) == first and Source.passes == 2
+    Source.passes = 0
+    partial = _KeptRows(Source(), limit=2**20)
+    next(iter(partial))  # a pass not read to its end is not kept
+    assert list(partial) == first and Source.passes == 2

@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from rayft.errors import RayftError
 
-SFT_COLUMNS = ["input_ids", "labels", "position_ids"]
+SFT_COLUMNS = ["input_ids", "labels", "seq_lengths"]
 PREFERENCE_COLUMNS = ["prompt", "chosen", "rejected"]
 
 
@@ -81,13 +80,11 @@ def _rows(batch: dict[str, Any], kind: str) -> Iterator[dict[str, Any]]:
     for i in range(n):
         if kind == "sft":
             ids = [int(x) for x in batch["input_ids"][i]]
-            pos = batch.get("position_ids")
+            lengths = batch.get("seq_lengths")  # packed rows: the examples in them
             yield {
                 "input_ids": ids,
                 "labels": [int(x) for x in batch["labels"][i]],
-                "position_ids": [int(x) for x in pos[i]]
-                if pos is not None
-                else list(range(len(ids))),
+                "seq_lengths": [int(x) for x in lengths[i]] if lengths is not None else [len(ids)],
             }
         else:
             yield {
@@ -145,16 +142,14 @@ def one_pass(shard, kind: str) -> Iterator[dict[str, Any]]:
         yield from _rows(batch, kind)
 
 
-def collate_padding_free(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Concatenate a micro-batch into one row with restarting position ids and no attention mask.
+def collator(pad_token_id: int):
+    """TRL's padding-free collator: a micro-batch becomes one row without an attention mask,
+    position ids restart at every example (from `seq_lengths`), and each example's first label
+    is -100 (else the previous example's last token would be trained to predict it).
+    transformers turns restarting position ids into a block-diagonal causal mask, so packed
+    examples never attend to each other; the collator also passes the sequence boundaries
+    (`cu_seq_lens_*`) that flash-attention kernels on GPU would otherwise derive from the
+    position ids with a device-to-host sync in every layer."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    transformers builds a block-diagonal causal mask from position ids that restart
-    (masking_utils.find_packed_sequence_indices) only when attention_mask is None, so packed
-    examples never attend to each other. The first token of every example gets label -100:
-    otherwise the previous example's last token would be trained to predict it.
-    """
-    ids = torch.tensor([t for e in examples for t in e["input_ids"]], dtype=torch.long)
-    labels = torch.tensor([t for e in examples for t in e["labels"]], dtype=torch.long)
-    pos = torch.tensor([t for e in examples for t in e["position_ids"]], dtype=torch.long)
-    labels = labels.masked_fill(pos == 0, -100)
-    return {"input_ids": ids[None], "labels": labels[None], "position_ids": pos[None]}
+    return DataCollatorForLanguageModeling(pad_token_id=pad_token_id, padding_free=True)

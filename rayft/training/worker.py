@@ -9,8 +9,9 @@ from typing import Any
 
 import ray.train
 from torch.utils.data import DataLoader
+from torch.utils.data import IterableDataset as Stream
 
-from rayft.training.data import collate_padding_free, endless_rows, features, one_pass
+from rayft.training.data import collator, endless_rows, features, one_pass
 from rayft.training.model import adapter_config, load_base
 from rayft.training.report import RayReport
 
@@ -89,10 +90,10 @@ def _train(config: dict[str, Any], output_dir: str) -> None:
     else:
         from trl import SFTTrainer
 
-        trainer = SFTTrainer(**common, data_collator=collate_padding_free)
+        trainer = SFTTrainer(**common, data_collator=collator(tokenizer.pad_token_id))
     # HF's PrinterCallback prints every log dict on every rank; RayReport prints rank 0's line.
     trainer.remove_callback(PrinterCallback)
-    _read_own_shard(trainer)
+    _read_own_shard(trainer, config["shard_cache_bytes"])
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
@@ -147,27 +148,56 @@ def _training_args(objective: str, config: dict[str, Any], output_dir: str):
     return SFTConfig(**hf, dataset_kwargs={"skip_prepare_dataset": True})
 
 
-def _read_own_shard(trainer) -> None:
+def _read_own_shard(trainer, cache_bytes: int = 0) -> None:
     """Give the trainer plain DataLoaders over this worker's Ray shard.
 
     Accelerate would wrap an iterable dataset in IterableDatasetShard and keep only every N-th
     batch of what Ray already split between the workers (the same fix as Ray's own
     `prepare_trainer`, which only handles Ray iterables, not the datasets TRL requires).
     """
+    from datasets import IterableDataset
+
     bs_train = trainer.args.per_device_train_batch_size
     bs_eval = trainer.args.per_device_eval_batch_size
     collate = trainer.data_collator
+    validation = trainer.eval_dataset
+    if isinstance(validation, IterableDataset):  # a Ray shard: read once if it fits
+        validation = _KeptRows(validation, cache_bytes)
 
     def train_loader() -> DataLoader:
         return DataLoader(trainer.train_dataset, batch_size=bs_train, collate_fn=collate)
 
     def eval_loader(eval_dataset=None) -> DataLoader:
-        ds = (
-            trainer.eval_dataset
-            if eval_dataset is None or isinstance(eval_dataset, str)
-            else eval_dataset
-        )
+        # HF's evaluate() passes its own eval_dataset back in: that one is the shard too.
+        ours = eval_dataset is None or eval_dataset is trainer.eval_dataset
+        ds = validation if ours or isinstance(eval_dataset, str) else eval_dataset
         return DataLoader(ds, batch_size=bs_eval, collate_fn=collate)
 
     trainer.get_train_dataloader = train_loader
     trainer.get_eval_dataloader = eval_loader
+
+
+class _KeptRows(Stream):
+    """The validation rows of this worker, kept after the first evaluation when they fit in
+    `limit` bytes: every pass over a Ray shard starts a Ray Data execution (seconds on a small
+    machine, more than evaluating a small validation split takes), and the rows never change."""
+
+    def __init__(self, source, limit: int):
+        self.source, self.limit = source, limit
+        self.rows: list[dict] | None = None
+
+    def __iter__(self):
+        if self.rows is not None:
+            yield from self.rows
+            return
+        kept: list[dict] | None = [] if self.limit > 0 else None
+        size = 0
+        for row in self.source:
+            if kept is not None:
+                size += sum(8 * len(v) for v in row.values())  # int64 tensors once collated
+                if size <= self.limit:
+                    kept.append(row)
+                else:
+                    kept = None
+            yield row
+        self.rows = kept  # only a pass read to its end is kept
