@@ -309,8 +309,7 @@ def test_shard_cache_replays_epochs_without_rereading(ray_local):
     n = 40
     lengths = [3 + i % 5 for i in range(n)]
     items = [
-        {"input_ids": [i] * k, "labels": [i] * k, "seq_lengths": [k]}
-        for i, k in enumerate(lengths)
+        {"input_ids": [i] * k, "labels": [i] * k, "seq_lengths": [k]} for i, k in enumerate(lengths)
     ]
     ds = ray.data.from_items(items)
 
