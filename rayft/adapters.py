@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from safetensors import safe_open
 
 from rayft.errors import RayftError
-
-if TYPE_CHECKING:
-    from rayft.serving.protocol import AdapterRef
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -255,11 +252,18 @@ def check_compatible(
     return {"rank": rank, "modules": len(lora), "dora": bool(cfg.get("use_dora"))}
 
 
+@dataclass(frozen=True)
+class AdapterRef:
+    """An adapter as engines see it: `key` changes whenever the files behind `name` change, so a
+    replica never keeps serving stale weights under a reused name."""
+
+    name: str
+    path: str
+    key: str
+
+
 def fingerprint(name: str, path: Path) -> AdapterRef:
     """An AdapterRef whose key changes when the weights file changes."""
-    # Imported here: rayft.serving's package imports the Serve app, which merge need not load.
-    from rayft.serving.protocol import AdapterRef
-
     st = (path / WEIGHTS).stat()
     blob = f"{name}|{path}|{st.st_size}|{st.st_mtime_ns}".encode()
     key = "a" + hashlib.sha256(blob).hexdigest()[:12]

@@ -60,9 +60,15 @@ def test_experiment_arms_are_existing_models_never_experiments():
     with pytest.raises(NotFound, match=r"arm 'nope' is neither") as e:
         r.add_experiment("e2", {"base": 1}, "nope")
     assert (e.value.param, e.value.code) == ("arms", "model_not_found")
-    r.add_experiment("e2", {"tiny-llama:a1": 2, "m1": 1}, None)
+    r.add_experiment("e2", {"tiny-llama:a1": 2, "base:a1": 1, "tiny-llama": 1}, "d1")
+    # every spelling of an arm is kept under its own name, so unloading sees it
+    assert r.experiments["e2"] == {"arms": {"a1": 3, "base": 1}, "shadow": "d1"}
+    r.remove_experiment("exp")
+    with pytest.raises(BadRequest, match=r"arm of experiment\(s\) \['e2'\]"):
+        r.remove_adapter("a1")
     r.add_experiment("e2", {"m1": 1}, None)  # re-created: replaced
     assert r.experiments["e2"] == {"arms": {"m1": 1}, "shadow": None}
+    r.add_experiment("exp", {"base": 1, "a1": 1}, "d1")
     answer, shadow = r.route("exp", "user-1")
     assert answer.experiment == "exp" and shadow.arm == "d1" and shadow.engine == "d1"
 
@@ -102,6 +108,7 @@ def test_state_persists_and_restores(tmp_path):
         ({"max_tokens": 65}, "max_tokens", "above this server's limit of 64"),
         ({"max_completion_tokens": 65}, "max_completion_tokens", "limit of 64"),
         ({"max_tokens": 2.5}, "max_tokens", "integer"),
+        ({"seed": 2**64}, "seed", "less than or equal"),  # no engine can seed with it
     ],
 )
 def test_request_shape_rules_refuse_before_routing(body, param, message):

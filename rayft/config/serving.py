@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -28,8 +29,8 @@ class ExperimentConfig(Section):
     def _weights(cls, arms: dict[str, float]) -> dict[str, float]:
         if not arms:
             raise ValueError("an experiment needs at least one arm")
-        if any(w < 0 for w in arms.values()) or sum(arms.values()) <= 0:
-            raise ValueError("arm weights must be >= 0 and sum to more than 0")
+        if not all(math.isfinite(w) and w >= 0 for w in arms.values()) or sum(arms.values()) <= 0:
+            raise ValueError("arm weights must be finite, >= 0 and sum to more than 0")
         return arms
 
 

@@ -85,8 +85,9 @@ class TrainingConfig(Section):
     shard_cache_mb: int = Field(
         512,
         ge=0,
-        description="Keep each worker's training shard in memory after the first epoch when it "
-        "fits in this many MiB (later epochs then skip a Ray Data re-read); 0 streams every epoch.",
+        description="Keep each worker's training shard in memory after the first epoch, and its "
+        "validation rows after the first evaluation, when each fits in this many MiB (later "
+        "passes then skip a Ray Data re-read); 0 streams every pass.",
     )
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA / DoRA / QLoRA adapter.")
     quantization: QuantConfig = Field(default_factory=QuantConfig, description="QLoRA 4-bit base.")

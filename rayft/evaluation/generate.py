@@ -1,9 +1,11 @@
 """Score one arm through Ray Data: answers (generation) and teacher-forced NLL per row.
 
 A pool of actors each holds one serving engine (`eval.num_replicas`); Ray Data feeds them
-batches of rows. Answers come from the engine `rayft serve` runs (the transformers engine), with
-the server's prompt rendering, stopping and decoding, so an evaluated answer is the answer the
-server gives; the NLL pass runs on that engine's model, so each replica loads one model.
+batches of rows. Answers come from the transformers engine that `rayft serve` runs by default,
+with the server's prompt rendering, stopping and decoding, so an evaluated answer is the answer
+that server gives (a vLLM server, or `serve.dora: merge`, answers from other kernels or a merged
+copy: close, not identical); the NLL pass runs on that engine's model (`engine.logits`), so each
+replica loads one model.
 
 Rows are {idx, kind, prompt, reference}: `kind="test"` rows carry a chat prompt (JSON
 messages) and the reference answer; they are answered and the reference is scored. `kind="text"`

@@ -38,7 +38,7 @@ from rayft.export.verify import (
     show,
 )
 from rayft.manifest import read_manifest, record_stage
-from rayft.training.facts import NOT_RECORDED, recorded
+from rayft.training.facts import NOT_RECORDED, MissingFactsError, recorded
 
 
 def source_dir(cfg: JobConfig, method: str) -> Path:
@@ -148,7 +148,10 @@ def export(cfg: JobConfig, fmt: str = "gguf") -> list[Path]:
         raise ExportError("export.gguf_types is empty; name at least one type, e.g. [f16, q8_0]")
     console = Console()
     manifest = read_manifest(cfg.run_path)
-    facts = recorded(manifest, cfg.run_path)
+    try:
+        facts = recorded(manifest, cfg.run_path)
+    except MissingFactsError:  # trained before runs recorded it: export needs the method only
+        facts = None
     if facts is None:
         console.print(f"[yellow]![/] {cfg.run_path / 'run.json'}: {NOT_RECORDED}")
     method = facts["method"] if facts else cfg.training.method

@@ -41,7 +41,7 @@ class _Req(BaseModel):
     n: StrictInt = Field(1, ge=1)
     stop: str | list[str] | None = None
     user: str | None = None
-    seed: StrictInt | None = None
+    seed: StrictInt | None = Field(None, ge=-(2**63), le=2**63 - 1)  # what engines can seed
 
     @field_validator("n")
     @classmethod

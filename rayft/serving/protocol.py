@@ -12,20 +12,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
-if TYPE_CHECKING:  # errors imports rayft.adapters, which imports AdapterRef from here
-    from rayft.serving.errors import ServeError
-
-
-@dataclass(frozen=True)
-class AdapterRef:
-    """An adapter as engines see it: `key` changes whenever the files behind `name` change, so a
-    replica never keeps serving stale weights under a reused name."""
-
-    name: str
-    path: str
-    key: str
+from rayft.adapters import AdapterRef
+from rayft.serving.errors import ServeError
 
 
 @dataclass

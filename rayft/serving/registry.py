@@ -106,21 +106,29 @@ class Registry:
         return self.merged.pop(name, None)
 
     def add_experiment(self, name: str, arms: dict[str, float], shadow: str | None) -> None:
-        """Arm weights are checked by the request and config models (ExperimentConfig)."""
+        """Arm weights are checked by the request and config models (ExperimentConfig). Arms are
+        kept under their own names (`base:a1` as `a1`), so the rule that an arm cannot be
+        unloaded from under its experiment sees every spelling of it."""
         self.check_free(name, "experiment", replaces="an experiment")
-        for arm in [*arms, *([shadow] if shadow else [])]:
-            if arm in self.experiments or arm == name:
-                raise BadRequest(f"arm {arm!r} is an experiment; arms are models", "arms")
-            try:
-                self.route(arm, None)
-            except NotFound:
-                known = sorted({"base", *self.engines(), *self.adapters})
-                raise NotFound(
-                    f"arm {arm!r} is neither `base`, a model nor an adapter (known: {known})",
-                    "arms",
-                    "model_not_found",
-                ) from None
-        self.experiments[name] = {"arms": dict(arms), "shadow": shadow}
+        canonical: dict[str, float] = {}
+        for arm, weight in arms.items():
+            own = self._arm(arm, name)
+            canonical[own] = canonical.get(own, 0) + weight
+        own_shadow = self._arm(shadow, name) if shadow else None
+        self.experiments[name] = {"arms": canonical, "shadow": own_shadow}
+
+    def _arm(self, arm: str, experiment: str) -> str:
+        if arm in self.experiments or arm == experiment:
+            raise BadRequest(f"arm {arm!r} is an experiment; arms are models", "arms")
+        try:
+            return self.route(arm, None)[0].arm
+        except NotFound:
+            known = sorted({"base", *self.engines(), *self.adapters})
+            raise NotFound(
+                f"arm {arm!r} is neither `base`, a model nor an adapter (known: {known})",
+                "arms",
+                "model_not_found",
+            ) from None
 
     def remove_experiment(self, name: str) -> None:
         if self.experiments.pop(name, None) is None:

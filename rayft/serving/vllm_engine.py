@@ -174,6 +174,8 @@ class VllmEngine:
         result = None
         async for item in self._answer(r, stream=False):  # one item: the GenResult
             result = item
+        if result is None:
+            raise EngineFailed("vLLM ended the request without a finished output", None)
         return result
 
     def stream(self, r: GenRequest) -> AsyncIterator[str | GenResult]:

@@ -85,7 +85,7 @@ def problems(cfg: JobConfig, data_kind: str) -> list[str]:
                 "use quant_storage: bfloat16 (or auto)"
             )
         # The resolved config's offload (a raw one's own), not the `offload_params` key.
-        param = (config or {}).get("zero_optimization", {}).get("offload_param") or {}
+        param = ((config or {}).get("zero_optimization") or {}).get("offload_param") or {}
         if ds.offload_params or param.get("device", "none") != "none":
             out.append(
                 "training.method=qlora with parameter offload (deepspeed.offload_params or a raw "

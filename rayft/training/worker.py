@@ -7,6 +7,7 @@ import os
 import tempfile
 from typing import Any
 
+import numpy as np
 import ray.train
 from torch.utils.data import DataLoader
 from torch.utils.data import IterableDataset as Stream
@@ -90,7 +91,15 @@ def _train(config: dict[str, Any], output_dir: str) -> None:
     else:
         from trl import SFTTrainer
 
-        trainer = SFTTrainer(**common, data_collator=collator(tokenizer.pad_token_id))
+        # SFTTrainer reads the first row of its train dataset to detect images; on the Ray
+        # shard that starts a Ray Data execution of the split, which it then abandons (6-9 s of
+        # the quickstart's start-up). So it is built over a one-row stand-in and handed the
+        # shard after; rayft's own loaders (_read_own_shard) read `trainer.train_dataset`.
+        stand_in = Dataset.from_list([{c: [0] for c in feats}], features=feats)
+        trainer = SFTTrainer(
+            **{**common, "train_dataset": stand_in}, data_collator=collator(tokenizer.pad_token_id)
+        )
+        trainer.train_dataset = train_ds
     # HF's PrinterCallback prints every log dict on every rank; RayReport prints rank 0's line.
     trainer.remove_callback(PrinterCallback)
     _read_own_shard(trainer, config["shard_cache_bytes"])
@@ -178,9 +187,10 @@ def _read_own_shard(trainer, cache_bytes: int = 0) -> None:
 
 
 class _KeptRows(Stream):
-    """The validation rows of this worker, kept after the first evaluation when they fit in
-    `limit` bytes: every pass over a Ray shard starts a Ray Data execution (seconds on a small
-    machine, more than evaluating a small validation split takes), and the rows never change."""
+    """The validation rows of this worker, kept (as int32 arrays, as the training shard cache
+    keeps its rows) after the first evaluation when they fit in `limit` bytes: every pass over
+    a Ray shard starts a Ray Data execution (seconds on a small machine, more than evaluating
+    a small validation split takes), and the rows never change."""
 
     def __init__(self, source, limit: int):
         self.source, self.limit = source, limit
@@ -188,15 +198,17 @@ class _KeptRows(Stream):
 
     def __iter__(self):
         if self.rows is not None:
-            yield from self.rows
+            for row in self.rows:
+                yield {k: v.tolist() for k, v in row.items()}
             return
         kept: list[dict] | None = [] if self.limit > 0 else None
         size = 0
         for row in self.source:
             if kept is not None:
-                size += sum(8 * len(v) for v in row.values())  # int64 tensors once collated
+                arrays = {k: np.asarray(v, dtype=np.int32) for k, v in row.items()}
+                size += sum(a.nbytes for a in arrays.values())
                 if size <= self.limit:
-                    kept.append(row)
+                    kept.append(arrays)
                 else:
                     kept = None
             yield row
