@@ -10,9 +10,9 @@ that trims its answers, or stops or renders prompts its own way, scores other te
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
+from test_serve_api import free_port
 from test_serve_units import make_adapter
 
 from rayft.config import JobConfig
@@ -33,12 +33,6 @@ CHATS = [
     [{"role": "user", "content": "Ticket: ORDER-12345"}],
     [{"role": "user", "content": "reset my password"}],
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
