@@ -195,6 +195,13 @@ def base_linears(model_dir: str, trust_remote_code: bool = False) -> dict[str, t
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return linears(model)
+
+
+def linears(model) -> dict[str, tuple[int, int]]:
+    """Module name -> (in_features, out_features) of a model's linear layers: what LoRA adapts."""
+    import torch
+
     return {
         name: (m.in_features, m.out_features)
         for name, m in model.named_modules()

@@ -172,7 +172,8 @@ def test_sampling_params_at_every_value_the_api_allows(tmp_path, tiny_model):
     inspect.signature(AsyncLLM.generate).bind(None, prompt, params, "id", lora_request=lora)
     inspect.signature(AsyncLLM.add_lora).bind(None, lora)
     inspect.signature(AsyncLLM.remove_lora).bind(None, lora.lora_int_id)
-    # The API takes a seed of any size, vLLM one of 64 bits: the request's 400, not a failure.
+    # A seed vLLM cannot take reaching the engine (not through the API, which refuses it): the
+    # request's 400, not a failure.
     with pytest.raises(BadRequest, match="64 bits"):
         sampling_args(GenRequest([1], 4, seed=2**63), stream=False)
 

@@ -67,6 +67,7 @@ def _settings(cfg: JobConfig) -> Settings:
         serve_dir=str(serve_dir),
         adapter_root=str(Path(s.adapter_root or cfg.run_dir).resolve()),
         registry=registry,
+        linears=linears,
         adapter_kinds=kinds,
         job=cfg,
         api_key=os.environ.get("RAYFT_API_KEY") or s.api_key,

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rayft.adapters import check_compatible
+from rayft.adapters import check_compatible, linears
 from rayft.dtypes import default_dtype, torch_dtype
 from rayft.serving import lora_batch
 from rayft.serving.errors import AdapterRefused, EngineFailed, ServeError
@@ -49,11 +49,7 @@ class TransformersEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device)
         self.model.eval()
-        self.base_linears = {
-            name: (m.in_features, m.out_features)
-            for name, m in self.model.named_modules()
-            if isinstance(m, torch.nn.Linear)
-        }
+        self.base_linears = linears(self.model)
         self.max_loaded = max_loaded_adapters
         self.max_rank = max_lora_rank
         self.pad_id = self.tokenizer.pad_token_id

@@ -26,6 +26,7 @@ from pydantic import (
 
 from rayft.config import ExperimentConfig
 from rayft.serving.errors import BadRequest
+from rayft.serving.protocol import SEED_RANGE
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -41,7 +42,7 @@ class _Req(BaseModel):
     n: StrictInt = Field(1, ge=1)
     stop: str | list[str] | None = None
     user: str | None = None
-    seed: StrictInt | None = Field(None, ge=-(2**63), le=2**63 - 1)  # what engines can seed
+    seed: StrictInt | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
 
     @field_validator("n")
     @classmethod

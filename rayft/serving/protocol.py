@@ -17,6 +17,10 @@ from typing import Protocol
 from rayft.adapters import AdapterRef
 from rayft.serving.errors import ServeError
 
+# The seeds engines take: 64-bit integers (vLLM sends them to its engine process as msgpack
+# int64; torch.manual_seed refuses larger ones). The API refuses others (openai_api).
+SEED_RANGE = (-(2**63), 2**63 - 1)
+
 
 @dataclass
 class GenRequest:

@@ -14,7 +14,6 @@ from fastapi import Depends, Request
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from rayft.adapters import base_linears
 from rayft.config import JobConfig
 from rayft.serving.ab import JsonlLog
 from rayft.serving.errors import BadRequest, Unauthorized
@@ -30,6 +29,7 @@ class Settings:
     serve_dir: str  # <run_dir>/serve
     adapter_root: str
     registry: Registry  # as configured; a persisted one replaces it (see IngressState)
+    linears: dict[str, tuple[int, int]]  # the base's linear layers, which adapters must fit
     adapter_kinds: frozenset[str]  # what the engine serves itself; the rest is merged
     job: JobConfig  # merges and engine deployments made at run time need the base and serve
     api_key: str | None = None
@@ -47,7 +47,7 @@ class IngressState:
         self.tokenizers, self.context, self.vocab = {}, {}, {}
         for name, path in settings.model_dirs.items():
             self.add_model(name, path)
-        self.linears = base_linears(settings.model_dirs["base"])
+        self.linears = settings.linears
         serve_dir = Path(settings.serve_dir)
         self.requests = JsonlLog(serve_dir / "requests.jsonl")
         self.feedback = JsonlLog(serve_dir / "feedback.jsonl")

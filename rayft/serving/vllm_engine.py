@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from rayft.adapters import base_linears, check_compatible
 from rayft.errors import RayftError
 from rayft.serving.errors import AdapterRefused, BadRequest, EngineFailed
-from rayft.serving.protocol import AdapterRef, GenRequest, GenResult
+from rayft.serving.protocol import SEED_RANGE, AdapterRef, GenRequest, GenResult
 
 if TYPE_CHECKING:
     from vllm.lora.request import LoRARequest
@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 # cut it short: `abort` and `error` (the engine gave up on it) and `repetition` (a detector
 # rayft never turns on); their text is not an answer and is never passed off as one.
 ANSWERED = ("stop", "length")
-INT64 = (-(2**63), 2**63 - 1)  # seeds cross to vLLM's engine process as msgpack int64
 
 
 class VllmMissing(RayftError):
@@ -86,7 +85,7 @@ def sampling_args(r: GenRequest, stream: bool) -> dict:
     """Keyword arguments of vLLM's SamplingParams for request `r`."""
     from vllm.sampling_params import RequestOutputKind
 
-    if r.seed is not None and not INT64[0] <= r.seed <= INT64[1]:
+    if r.seed is not None and not SEED_RANGE[0] <= r.seed <= SEED_RANGE[1]:
         raise BadRequest(f"seed={r.seed} does not fit in 64 bits, as vLLM needs", "seed")
     return {
         "max_tokens": r.max_tokens,

@@ -8,6 +8,7 @@ import importlib.util
 from rayft.config import JobConfig
 from rayft.errors import RayftError
 from rayft.training.dsconfig import DeepSpeedConfigError, deepspeed_config, zero_stage
+from rayft.training.facts import offloads
 
 
 class TrainConfigError(RayftError):
@@ -84,9 +85,8 @@ def problems(cfg: JobConfig, data_kind: str) -> list[str]:
                 "flattens and shards parameters by dtype and breaks packed uint8 4-bit weights; "
                 "use quant_storage: bfloat16 (or auto)"
             )
-        # The resolved config's offload (a raw one's own), not the `offload_params` key.
-        param = ((config or {}).get("zero_optimization") or {}).get("offload_param") or {}
-        if ds.offload_params or param.get("device", "none") != "none":
+        # The resolved config's offload (a raw one's own), besides the `offload_params` key.
+        if ds.offload_params or offloads(config)["offload_params"]:
             out.append(
                 "training.method=qlora with parameter offload (deepspeed.offload_params or a raw "
                 "config's zero_optimization.offload_param): 4-bit bitsandbytes weights cannot be "

@@ -30,7 +30,6 @@ def resolve(cfg: JobConfig, ds_config: dict[str, Any] | None, base_path: str) ->
     """The facts of training `cfg` under `ds_config` (a `deepspeed_config` result)."""
     t = cfg.training
     stage = zero_stage(ds_config)
-    zero = (ds_config or {}).get("zero_optimization") or {}
     compute = precision_dtype(t.precision, cfg.cluster.use_gpu)
     return {
         "method": t.method,
@@ -38,8 +37,7 @@ def resolve(cfg: JobConfig, ds_config: dict[str, Any] | None, base_path: str) ->
         "base": {"id": cfg.model.base, "revision": cfg.model.revision, "path": base_path},
         "deepspeed": {
             "zero_stage": stage,
-            "offload_optimizer": _offloaded(zero.get("offload_optimizer")),
-            "offload_params": _offloaded(zero.get("offload_param")),
+            **offloads(ds_config),
             "raw_config": t.deepspeed.raw_config is not None,
         },
         "compute_dtype": compute,
@@ -54,8 +52,17 @@ def for_config(cfg: JobConfig, base_path: str) -> dict[str, Any]:
     return resolve(cfg, config, base_path)
 
 
-def _offloaded(section: Any) -> bool:
-    return isinstance(section, dict) and section.get("device", "none") != "none"
+def offloads(ds_config: dict[str, Any] | None) -> dict[str, bool]:
+    """What a resolved DeepSpeed config (a raw one's own sections) moves off the accelerator."""
+    zero = (ds_config or {}).get("zero_optimization") or {}
+
+    def moved(section: Any) -> bool:
+        return isinstance(section, dict) and section.get("device", "none") != "none"
+
+    return {
+        "offload_optimizer": moved(zero.get("offload_optimizer")),
+        "offload_params": moved(zero.get("offload_param")),
+    }
 
 
 def _quantization(cfg: JobConfig, stage: int, compute: str) -> dict[str, Any]:
