@@ -20,9 +20,10 @@ PIP := $(BIN)/python -m pip install -q --disable-pip-version-check -c constraint
 # vLLM's own Python code on CPU, for tests/test_vllm_contract.py: the pinned wheel without its
 # dependencies (they would replace the CPU torch and transformers with vLLM's CUDA torch and its
 # older transformers), plus the small packages that its engine, config and output classes
-# import. Then a check that no package installed before changed version.
+# import (a request with a grammar imports every structured-output backend's module: hence
+# lm-format-enforcer and interegular). Then a check that no package installed before changed version.
 VLLM_CPU := vllm msgspec cbor2 pybase64 cachetools pyzmq partial-json-parser oss-harmony \
-	xgrammar apache-tvm-ffi llguidance
+	xgrammar apache-tvm-ffi llguidance lm-format-enforcer interegular
 $(STAMP): pyproject.toml Makefile constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade "pip>=24" setuptools wheel

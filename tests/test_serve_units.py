@@ -243,7 +243,7 @@ def test_report_win_rates_ratings_and_tests(tmp_path):
 
 def test_engine_mixed_batch_matches_single_requests_with_dora_and_eviction(tiny_model, tmp_path):
     from rayft.serving.hf_engine import TransformersEngine
-    from rayft.serving.protocol import GenRequest, GenResult
+    from rayft.serving.protocol import Delta, GenRequest, GenResult
 
     refs = [
         fingerprint(f"a{i}", make_adapter(tiny_model, tmp_path / f"a{i}", seed=i, dora=i == 2))
@@ -265,13 +265,14 @@ def test_engine_mixed_batch_matches_single_requests_with_dora_and_eviction(tiny_
         entries = [step[i] for step in steps]
         summary = next(e for e in entries if isinstance(e, GenResult))
         pieces = entries[: entries.index(summary)]
-        assert all(isinstance(p, str) for p in pieces)
+        assert all(isinstance(p, Delta) for p in pieces)
         assert set(entries[len(pieces) + 1 :]) <= {None}
         assert (summary.text, summary.completion_tokens) == (mixed[i], 6)
-        assert "".join(pieces) == (mixed[i] if r.stream else "")
+        assert "".join(p.text for p in pieces) == (mixed[i] if r.stream else "")
     stop = mixed[1][3:5]  # a stop string inside the answer ends it there
     entries = [s[0] for s in engine.stream_batch([replace(streamed[1], stop=[stop])])]
-    assert "".join(e for e in entries if isinstance(e, str)) == mixed[1][: mixed[1].index(stop)]
+    text = "".join(e.text for e in entries if isinstance(e, Delta))
+    assert text == mixed[1][: mixed[1].index(stop)]
     assert entries[-1].finish_reason == "stop"
     # An adapter whose files vanished fails its own request only, with a clear error.
     gone = fingerprint("gone", make_adapter(tiny_model, tmp_path / "gone", seed=9))
@@ -462,16 +463,16 @@ def test_merged_cache_is_keyed_on_base_and_dtype(tiny_model, tmp_path):
 
 
 def test_a_failing_group_fails_only_its_own_requests(tiny_model):
-    """Requests with other sampling settings form their own group in a batch: when that
-    group's generate fails, the others still get their answers, streams included."""
+    """A request whose decoding fails (here: sampling settings the engine refuses) fails
+    alone: the others of its batch still get their answers, streams included."""
     from rayft.serving.errors import EngineFailed
     from rayft.serving.hf_engine import TransformersEngine
-    from rayft.serving.protocol import GenRequest, GenResult
+    from rayft.serving.protocol import Delta, GenRequest, GenResult
 
     engine = TransformersEngine(tiny_model)
     ids = engine.tokenizer("hello world")["input_ids"]
     good = GenRequest(ids, 6, 0.0)
-    bad = GenRequest(ids, 6, -1.0)  # a temperature generate refuses: its group raises
+    bad = GenRequest(ids, 6, -1.0)  # a temperature the engine's decoder refuses
     want = engine.generate([good])[0].text
     out = engine.generate([good, bad])
     assert isinstance(out[0], GenResult) and out[0].text == want
@@ -479,7 +480,7 @@ def test_a_failing_group_fails_only_its_own_requests(tiny_model):
     assert out[1].status == 500 and "base" in out[1].message
     steps = list(engine.stream_batch([replace(good, stream=True), replace(bad, stream=True)]))
     good_entries, bad_entries = [s[0] for s in steps], [s[1] for s in steps]
-    assert "".join(e for e in good_entries if isinstance(e, str)) == want
+    assert "".join(e.text for e in good_entries if isinstance(e, Delta)) == want
     assert any(isinstance(e, GenResult) and e.text == want for e in good_entries)
     assert any(isinstance(e, EngineFailed) for e in bad_entries)
 

@@ -7,7 +7,7 @@ silently ignored is the most expensive bug a fine-tuning config can have.
 
 from rayft.config.cluster import ClusterConfig, K8sConfig
 from rayft.config.data import DataConfig, DedupeConfig, PIIConfig, SplitConfig
-from rayft.config.evaluation import CheckConfig, EvalConfig, JudgeConfig
+from rayft.config.evaluation import CheckConfig, EvalConfig, JudgeConfig, LmEvalConfig
 from rayft.config.export import ExportConfig
 from rayft.config.job import (
     ConfigError,
@@ -46,6 +46,7 @@ __all__ = [
     "JobConfig",
     "JudgeConfig",
     "K8sConfig",
+    "LmEvalConfig",
     "LoraConfig",
     "ModelConfig",
     "PIIConfig",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -36,6 +37,31 @@ class JudgeConfig(Section):
     api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable with its key.")
 
 
+class LmEvalConfig(Section):
+    tasks: list[str] = Field(
+        min_length=1,
+        description="lm-evaluation-harness task or group names (their data is fetched by "
+        "`datasets` where the arm runs) or paths of local task YAML files (*.yaml, *.yml).",
+    )
+    limit: int | None = Field(None, ge=1, description="Documents per task (None: all).")
+    num_fewshot: int | None = Field(
+        None, ge=0, description="Few-shot examples per prompt (None: each task's own default)."
+    )
+
+    @model_validator(mode="after")
+    def _files_exist(self) -> LmEvalConfig:
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"tasks: each task once: {self.tasks}")
+        for task in self.tasks:
+            if task.endswith((".yaml", ".yml")) and not Path(task).is_file():
+                raise ValueError(
+                    f"task file {task} does not exist (a relative path is read from the "
+                    f"working directory, {Path.cwd()}); give the path of an lm-eval task YAML "
+                    "or the name of a task lm-eval ships"
+                )
+        return self
+
+
 class EvalConfig(Section):
     candidates: list[str] = Field(
         default_factory=lambda: ["adapter"],
@@ -54,6 +80,11 @@ class EvalConfig(Section):
     )
     checks: list[CheckConfig] = Field(default_factory=list, description="Task checks.")
     judge: JudgeConfig | None = Field(None, description="Optional LLM-as-judge (pairwise).")
+    lm_eval: LmEvalConfig | None = Field(
+        None,
+        description="Optional lm-evaluation-harness tasks, scored for every arm through the "
+        "serving engine; paired CIs where a task scores each document.",
+    )
     forgetting: bool = Field(
         True, description="Also compare perplexity on rayft's shipped general-text set."
     )

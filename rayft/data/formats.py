@@ -3,7 +3,9 @@
 Every format becomes either an SFT example (`messages`: list of {role, content}; plain text
 rows carry `text` instead) or a preference example (`prompt` messages, `chosen`, `rejected`).
 Validation follows OpenAI's fine-tuning data checks; each problem is a `RowError` naming the
-field, so the pipeline can report file, line and field.
+field, so the pipeline can report file, line and field. Every key of OpenAI's chat, tools and
+preference formats is either kept for training or reported (docs/contracts.md has the table);
+a key set to null counts as absent, as Parquet files give every message every key.
 """
 
 from __future__ import annotations
@@ -13,12 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from rayft.data import fields
+from rayft.data.fields import RowError
+
 FORMATS = ("chat", "alpaca", "sharegpt", "prompt_completion", "text", "preference")
 KIND_OF = {f: ("preference" if f == "preference" else "sft") for f in FORMATS}
-ROLES = ("system", "user", "assistant")
-# OpenAI chat rows may also call tools: assistant turns with `tool_calls`, `tool` turns with
-# the results. Other formats have no tool turns.
-CHAT_ROLES = (*ROLES, "tool")
 # ShareGPT speakers as the common exports spell them.
 SHAREGPT_ROLES = {
     "system": "system",
@@ -32,14 +33,6 @@ SHAREGPT_ROLES = {
 }
 
 
-class RowError(ValueError):
-    """One bad row: `kind` is the error class (counted), `field` where it is."""
-
-    def __init__(self, kind: str, field: str, reason: str):
-        super().__init__(reason)
-        self.kind, self.field, self.reason = kind, field, reason
-
-
 @dataclass
 class Example:
     """A valid row in rayft's internal shape (before cleaning)."""
@@ -48,6 +41,7 @@ class Example:
     messages: list[dict[str, str]] | None = None  # sft chat rows
     text: str | None = None  # sft plain-text rows
     tools: list[dict[str, Any]] | None = None  # chat rows: the tool schemas offered
+    parallel_tool_calls: bool | None = None  # chat rows: False when the row says so, else None
     prompt: list[dict[str, str]] | None = None  # preference rows
     chosen: str | None = None
     rejected: str | None = None
@@ -88,124 +82,6 @@ def to_example(obj: Any, fmt: str) -> Example:
     return _CONVERT[fmt](obj)
 
 
-# --------------------------------------------------------------------------- field checks
-
-
-def _text(obj: dict, key: str, field: str | None = None, required: bool = True) -> str:
-    field = field or key
-    if key not in obj or obj[key] is None:
-        if not required:
-            return ""
-        raise RowError("missing_key", field, f"missing required key '{field}'")
-    value = obj[key]
-    if isinstance(value, list) and all(isinstance(p, dict) for p in value):
-        # OpenAI content parts: [{"type": "text", "text": ...}]; only text parts make sense here.
-        if any(p.get("type") != "text" or not isinstance(p.get("text"), str) for p in value):
-            raise RowError("wrong_type", field, f"'{field}' has non-text content parts")
-        value = "".join(p["text"] for p in value)
-    if not isinstance(value, str):
-        raise RowError(
-            "wrong_type", field, f"'{field}' must be a string, got {type(value).__name__}"
-        )
-    if required and not value.strip():
-        raise RowError("empty_content", field, f"'{field}' is empty")
-    return value
-
-
-def _messages(
-    value: Any,
-    field: str,
-    role_key: str = "role",
-    content_key: str = "content",
-    roles: dict[str, str] | None = None,
-    tools: bool = False,
-) -> list[dict[str, Any]]:
-    """{role, content} per message; with `tools`, also OpenAI's tool turns: an assistant turn
-    with `tool_calls` (its content may be null) and `tool` turns (content and tool_call_id)."""
-    if not isinstance(value, list):
-        raise RowError("wrong_type", field, f"'{field}' must be a list, got {type(value).__name__}")
-    if not value:
-        raise RowError("empty_content", field, f"'{field}' is an empty list")
-    out = []
-    for where, m in _objects(value, field):
-        if role_key not in m:
-            raise RowError("missing_key", f"{where}.{role_key}", f"missing '{where}.{role_key}'")
-        raw_role = m[role_key]
-        known_roles = roles or {r: r for r in (CHAT_ROLES if tools else ROLES)}
-        role = known_roles.get(raw_role) if isinstance(raw_role, str) else None
-        if role is None:
-            known = ", ".join(sorted(known_roles))
-            raise RowError(
-                "unknown_role", f"{where}.{role_key}", f"unknown role {raw_role!r} (known: {known})"
-            )
-        calls = m.get("tool_calls") if tools and role == "assistant" else None
-        if calls is not None:
-            message: dict[str, Any] = {
-                "role": role,
-                "content": _text(m, content_key, f"{where}.{content_key}", required=False),
-                "tool_calls": _tool_calls(calls, f"{where}.tool_calls"),
-            }
-        else:
-            message = {"role": role, "content": _text(m, content_key, f"{where}.{content_key}")}
-        if role == "tool":
-            message["tool_call_id"] = _text(m, "tool_call_id", f"{where}.tool_call_id")
-        out.append(message)
-    return out
-
-
-def _objects(value: list, field: str):
-    """(`field[i]`, item) for each item of a list that must hold JSON objects."""
-    for i, item in enumerate(value):
-        where = f"{field}[{i}]"
-        if not isinstance(item, dict):
-            raise RowError("wrong_type", where, f"'{where}' must be an object")
-        yield where, item
-
-
-def _tool_calls(value: Any, field: str) -> list[dict[str, Any]]:
-    """OpenAI tool calls: a non-empty list of {id, type: function, function: {name,
-    arguments (a JSON string)}}."""
-    if not isinstance(value, list) or not value:
-        raise RowError("wrong_type", field, f"'{field}' must be a non-empty list of tool calls")
-    out = []
-    for where, call in _objects(value, field):
-        if call.get("type") != "function":
-            raise RowError(
-                "wrong_type",
-                f"{where}.type",
-                f"'{where}.type' must be 'function', got {call.get('type')!r}",
-            )
-        fn = call.get("function")
-        if not isinstance(fn, dict):
-            raise RowError("missing_key", f"{where}.function", f"missing object '{where}.function'")
-        name = _text(fn, "name", f"{where}.function.name")
-        if not isinstance(fn.get("arguments"), str):  # OpenAI sends the arguments as JSON text
-            raise RowError(
-                "wrong_type",
-                f"{where}.function.arguments",
-                f"'{where}.function.arguments' must be a string (the arguments as JSON)",
-            )
-        arguments = fn["arguments"]
-        try:
-            parsed = json.loads(arguments)
-        except ValueError:
-            parsed = None
-        if not isinstance(parsed, dict):
-            raise RowError(
-                "wrong_type",
-                f"{where}.function.arguments",
-                f"'{where}.function.arguments' must be a JSON object, got {arguments[:80]!r}",
-            )
-        out.append(
-            {
-                "id": _text(call, "id", f"{where}.id"),
-                "type": "function",
-                "function": {"name": name, "arguments": arguments},
-            }
-        )
-    return out
-
-
 def _need_assistant(messages: list[dict[str, str]], field: str) -> None:
     if not any(m["role"] == "assistant" for m in messages):
         raise RowError("no_assistant", field, f"'{field}' has no assistant turn to learn from")
@@ -217,29 +93,54 @@ def _need_assistant(messages: list[dict[str, str]], field: str) -> None:
 def _chat(obj: dict) -> Example:
     if "messages" not in obj:
         raise RowError("missing_key", "messages", "missing required key 'messages'")
-    messages = _messages(obj["messages"], "messages", tools=True)
+    if obj.get("functions"):
+        raise RowError(
+            "unsupported",
+            "functions",
+            "'functions' is OpenAI's legacy function calling: give the schemas as 'tools' "
+            '([{"type": "function", "function": <schema>}]) and the calls as \'tool_calls\'',
+        )
+    messages = fields.messages(obj["messages"], "messages", openai="chat")
     _need_assistant(messages, "messages")
+    if all(m.get("weight") == 0 for m in messages if m["role"] == "assistant"):
+        raise RowError(
+            "no_assistant",
+            "messages",
+            "every assistant turn of 'messages' has weight 0: there is nothing to learn",
+        )
     tools = obj.get("tools")
     if tools is not None and (
         not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)
     ):
         raise RowError("wrong_type", "tools", "'tools' must be a list of tool schemas (objects)")
-    return Example("sft", messages=messages, tools=tools or None)
+    parallel = fields.parallel_tool_calls(obj, "parallel_tool_calls")
+    if parallel is False:
+        for i, m in enumerate(messages):
+            if len(m.get("tool_calls", [])) > 1:
+                raise RowError(
+                    "conflicting_keys",
+                    f"messages[{i}].tool_calls",
+                    f"'messages[{i}]' makes {len(m['tool_calls'])} tool calls at once, but the "
+                    "row sets 'parallel_tool_calls' to false",
+                )
+    return Example("sft", messages=messages, tools=tools or None, parallel_tool_calls=parallel)
 
 
 def _sharegpt(obj: dict) -> Example:
     if "conversations" not in obj:
         raise RowError("missing_key", "conversations", "missing required key 'conversations'")
-    messages = _messages(obj["conversations"], "conversations", "from", "value", SHAREGPT_ROLES)
+    messages = fields.messages(
+        obj["conversations"], "conversations", "from", "value", SHAREGPT_ROLES
+    )
     _need_assistant(messages, "conversations")
     return Example("sft", messages=messages)
 
 
 def _alpaca(obj: dict) -> Example:
-    instruction = _text(obj, "instruction")
-    extra = _text(obj, "input", required=False)
+    instruction = fields.text(obj, "instruction")
+    extra = fields.text(obj, "input", required=False)
     user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-    output = _text(obj, "output")
+    output = fields.text(obj, "output")
     return Example(
         "sft",
         messages=[{"role": "user", "content": user}, {"role": "assistant", "content": output}],
@@ -248,8 +149,8 @@ def _alpaca(obj: dict) -> Example:
 
 def _prompt_completion(obj: dict) -> Example:
     # A chat model learns the completion as the answer to the prompt: one user/assistant turn.
-    prompt = _text(obj, "prompt")
-    completion = _text(obj, "completion")
+    prompt = fields.text(obj, "prompt")
+    completion = fields.text(obj, "completion")
     return Example(
         "sft",
         messages=[
@@ -260,18 +161,26 @@ def _prompt_completion(obj: dict) -> Example:
 
 
 def _plain(obj: dict) -> Example:
-    return Example("sft", text=_text(obj, "text"))
+    return Example("sft", text=fields.text(obj, "text"))
 
 
 def _answer(value: Any, field: str) -> str:
-    """A preference answer: a string or a list of messages ending in an assistant turn."""
+    """A preference answer: a string, or a list holding one assistant message (OpenAI's
+    preference format trains one-turn answers)."""
     if isinstance(value, str):
         if not value.strip():
             raise RowError("empty_content", field, f"'{field}' is empty")
         return value
-    messages = _messages(value, field)
+    messages = fields.messages(value, field, openai="preference")
     if messages[-1]["role"] != "assistant":
         raise RowError("no_assistant", field, f"'{field}' must end with an assistant turn")
+    if len(messages) > 1:
+        raise RowError(
+            "unsupported",
+            field,
+            f"'{field}' holds {len(messages)} messages; a preference row compares one "
+            "assistant answer per side: move the turns before it into the prompt",
+        )
     return messages[-1]["content"]
 
 
@@ -280,11 +189,22 @@ def _preference(obj: dict) -> Example:
         for key in ("input", "preferred_output", "non_preferred_output"):
             if key not in obj:
                 raise RowError("missing_key", key, f"missing required key '{key}'")
-        if not isinstance(obj["input"], dict):
+        given = obj["input"]
+        if not isinstance(given, dict):
             raise RowError("wrong_type", "input", "'input' must be an object with 'messages'")
-        if "messages" not in obj["input"]:
+        if "messages" not in given:
             raise RowError("missing_key", "input.messages", "missing 'input.messages'")
-        prompt = _messages(obj["input"]["messages"], "input.messages")
+        for key in ("tools", "functions"):
+            if given.get(key):
+                raise RowError(
+                    "unsupported",
+                    f"input.{key}",
+                    f"'input.{key}': preference rows reach the trainer as prompt, chosen and "
+                    "rejected text, with no tool schemas; leave tool rows out of preference data",
+                )
+        # Accepted either way: with no tools nothing is called, in parallel or not.
+        fields.parallel_tool_calls(given, "input.parallel_tool_calls")
+        prompt = fields.messages(given["messages"], "input.messages", openai="preference")
         chosen = _answer(obj["preferred_output"], "preferred_output")
         rejected = _answer(obj["non_preferred_output"], "non_preferred_output")
     else:
@@ -293,9 +213,9 @@ def _preference(obj: dict) -> Example:
                 raise RowError("missing_key", key, f"missing required key '{key}'")
         p = obj["prompt"]
         prompt = (
-            [{"role": "user", "content": _text(obj, "prompt")}]
+            [{"role": "user", "content": fields.text(obj, "prompt")}]
             if not isinstance(p, list)
-            else _messages(p, "prompt")
+            else fields.messages(p, "prompt", openai="preference")
         )
         chosen = _answer(obj["chosen"], "chosen")
         rejected = _answer(obj["rejected"], "rejected")

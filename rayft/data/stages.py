@@ -31,6 +31,7 @@ CLEAN_SCHEMA = pa.schema(
         ("kind", pa.string()),
         ("messages", pa.string()),
         ("tools", pa.string()),  # chat rows with tool schemas: JSON; not written out
+        ("parallel_tool_calls", pa.bool_()),  # chat rows that set it false; not written out
         ("text", pa.string()),
         ("prompt", pa.string()),
         ("chosen", pa.string()),
@@ -126,10 +127,15 @@ def content_parts(ex: formats.Example) -> list[tuple[str, str]]:
     """(role, text) of everything an example says, for the dedupe keys."""
     if ex.messages is not None:
         parts = []
-        for m in ex.messages:
+        for k, m in enumerate(ex.messages):
             parts.append((m["role"], m["content"]))
             for c in m.get("tool_calls", []):
                 parts.append(("tool_call", f"{c['function']['name']} {c['function']['arguments']}"))
+            # rows that differ in who speaks or in what is learned are different examples
+            if "name" in m:
+                parts.append(("name", f"{k} {m['name']}"))
+            if m.get("weight") == 0:
+                parts.append(("weight", f"{k} 0"))
         if ex.tools:
             parts.append(("tools", json.dumps(ex.tools, sort_keys=True)))
         return parts
@@ -167,6 +173,7 @@ def validate_clean(
                 kind=ex.kind,
                 messages=json.dumps(ex.messages, ensure_ascii=False) if ex.messages else "",
                 tools=json.dumps(ex.tools, ensure_ascii=False) if ex.tools else None,
+                parallel_tool_calls=ex.parallel_tool_calls,
                 text=ex.text or "",
                 prompt=json.dumps(ex.prompt, ensure_ascii=False) if ex.prompt else None,
                 chosen=ex.chosen,
@@ -247,18 +254,20 @@ class Tokenize:
         self.max_len, self.overlength = max_len, overlength
 
     def sft(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Per row (messages, tools, text): text, input_ids, labels, num_tokens, overlength;
-        or the template's refusal."""
+        """Per row (messages, tools, parallel_tool_calls, text): text, input_ids, labels,
+        num_tokens, overlength; or the template's refusal."""
         out: list[dict[str, Any]] = []
         rendered, where = [], []
         for r in rows:
             messages = json.loads(r["messages"]) if r["messages"] else None
-            tools = json.loads(r["tools"]) if r.get("tools") else None
-            row = {"messages": messages, "text": r["text"], "tools": tools}
+            given = {"tools": json.loads(r["tools"])} if r.get("tools") else {}
+            if r.get("parallel_tool_calls") is False:
+                given["parallel_tool_calls"] = False
+            row = {"messages": messages, "text": r["text"], **given}
             try:
                 rendered.append(tokens.render_sft(self.tok, row, self.assistant_only))
             except RowError as e:  # only chat rows meet a template
-                out.append(_template_reject(e, {"messages": messages, **_given(tools)}))
+                out.append(_template_reject(e, {"messages": messages, **given}))
                 continue
             where.append(len(out))
             out.append({})
@@ -302,10 +311,6 @@ class Tokenize:
                 status = "truncated" if self.overlength == "truncate" else "dropped"
             out.append({"num_tokens": n, "overlength": status})
         return out
-
-
-def _given(tools: list | None) -> dict[str, Any]:
-    return {"tools": tools} if tools else {}
 
 
 def _template_reject(e: RowError, row: dict[str, Any]) -> dict[str, Any]:

@@ -32,10 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import jinja2
 import numpy as np
 
-from rayft.data.formats import RowError
+from rayft.data import template
+from rayft.data.fields import RowError
 from rayft.errors import RayftError
 
 IGNORE = -100
@@ -75,19 +75,6 @@ def load_tokenizer(model_path: str) -> Any:
     return tok
 
 
-def _apply(tok: Any, messages: list[dict[str, Any]], field: str, **kwargs: Any) -> str:
-    """The template's text for `messages`; a refusal is this row's error, not the job's."""
-    try:
-        return tok.apply_chat_template(messages, tokenize=False, **kwargs)
-    except (jinja2.TemplateError, ValueError, TypeError) as e:
-        # TypeError: a template that does not expect a field (content null beside tool_calls)
-        raise RowError(
-            "template_error",
-            field,
-            f"the chat template of {tok.name_or_path} cannot render this conversation: {e}",
-        ) from None
-
-
 def _unstable(tok: Any, k: int) -> TemplateError:
     return TemplateError(
         f"chat template of {tok.name_or_path} is not prefix-stable (rendering the first "
@@ -98,18 +85,21 @@ def _unstable(tok: Any, k: int) -> TemplateError:
 
 
 def _prefix_spans(
-    tok: Any, messages: list[dict[str, Any]], full: str, tools: list | None = None
+    tok: Any, messages: list[dict[str, Any]], full: str, kw: dict[str, Any] | None = None
 ) -> list[tuple[int, int]]:
-    """Answer spans from renderings of the prefixes of `messages` (two per answer)."""
-    kw: dict[str, Any] = {"tools": tools} if tools else {}
+    """Answer spans from renderings of the prefixes of `messages` (two per answer); `kw` are
+    the template's other arguments (`tools`, `parallel_tool_calls`)."""
+    kw = kw or {}
     spans = []
     for k, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
         last = k == len(messages) - 1  # the whole rendering is this prefix: skip a render
-        end_text = full if last else _apply(tok, messages[: k + 1], "messages", **kw)
+        end_text = full if last else template.apply(tok, messages[: k + 1], "messages", **kw)
         if k:
-            start_text = _apply(tok, messages[:k], "messages", add_generation_prompt=True, **kw)
+            start_text = template.apply(
+                tok, messages[:k], "messages", add_generation_prompt=True, **kw
+            )
             stable = full.startswith(start_text) and full.startswith(end_text)
             start = len(start_text)
         else:
@@ -220,7 +210,7 @@ def _skeleton(tok: Any, roles: tuple[str, ...]) -> _Skeleton | None:
     holes = [{"role": r, "content": _HOLE.format(i)} for i, r in enumerate(roles)]
     skeleton = None
     try:
-        text = _apply(tok, holes, "messages")
+        text = template.apply(tok, holes, "messages")
         parts = _HOLES.split(text)  # literal, hole number, literal, ...
         order = [int(x) for x in parts[1::2]]
         if order == list(range(len(roles))):
@@ -249,22 +239,24 @@ def _locate(text: str, pos: int) -> tuple[int, int]:
 
 
 def render_chat(
-    tok: Any, messages: list[dict[str, Any]], tools: list | None = None
+    tok: Any, messages: list[dict[str, Any]], kw: dict[str, Any] | None = None
 ) -> tuple[str, list[tuple[int, int]]]:
-    """Full template text and the character spans of the assistant answers."""
+    """Full template text and the character spans of the assistant answers, one per answer;
+    `kw` are the template's other arguments (`tools`, `parallel_tool_calls`)."""
+    kw = kw or {}
     sk = None
-    if tools is None and all(m.keys() == {"role", "content"} for m in messages):
+    if not kw and all(m.keys() == {"role", "content"} for m in messages):
         sk = _skeleton(tok, tuple(m["role"] for m in messages))
     if sk is not None and sk.trusted:
         return sk.fill([m["content"] for m in messages])
-    full = _apply(tok, messages, "messages", **({"tools": tools} if tools else {}))
+    full = template.apply(tok, messages, "messages", **kw)
     if sk is not None:
         filled, spans = sk.fill([m["content"] for m in messages])
         if filled == full:
             sk.checked += 1
             return full, spans
         sk.verbatim = False  # the probe missed something: compare every row from now on
-    return full, _prefix_spans(tok, messages, full, tools)
+    return full, _prefix_spans(tok, messages, full, kw)
 
 
 def mask_labels(
@@ -283,24 +275,57 @@ def mask_labels(
 def render_sft(
     tok: Any, row: dict[str, Any], assistant_only: bool
 ) -> tuple[str, list[tuple[int, int]] | None]:
-    """Text to tokenize and answer spans (None: learn every token) of a row with `messages`
-    (list, and `tools`: tool schemas or None) or `text` (str); raises RowError(template_error)."""
-    messages, tools = row["messages"], row.get("tools")
-    if messages:
-        messages = [_for_template(m) for m in messages]
-    if messages and assistant_only:
-        text, spans = render_chat(tok, messages, tools)
-    elif messages:  # no masking, no prefix renderings
-        text, spans = _apply(tok, messages, "messages", **({"tools": tools} if tools else {})), None
-    else:  # plain text: the whole text is learned, ended by EOS so examples stay apart
+    """Text to tokenize and the spans to learn (None: every token) of a row with `messages`
+    (list; `tools`: tool schemas, `parallel_tool_calls`: False, when given) or `text` (str);
+    raises RowError(template_error).
+
+    An answer with `weight` 0 is not learned, with or without assistant_only: the row's own
+    file says so."""
+    messages = row["messages"]
+    if not messages:  # plain text: the whole text is learned, ended by EOS so examples stay apart
         return row["text"] + (tok.eos_token or ""), None
-    _check_tools(tok, messages, tools, text)
+    weights = [m.get("weight", 1) for m in messages if m["role"] == "assistant"]
+    messages = [_for_template(m) for m in messages]
+    kw: dict[str, Any] = {"tools": row["tools"]} if row.get("tools") else {}
+    if row.get("parallel_tool_calls") is False:
+        kw["parallel_tool_calls"] = False
+    if assistant_only or 0 in weights:
+        try:
+            text, spans = render_chat(tok, messages, kw)
+        except TemplateError:  # without assistant_only only this row needs the spans
+            if assistant_only:
+                raise
+            raise RowError(
+                "template_error",
+                "messages",
+                f"an answer has weight 0, but the chat template of {tok.name_or_path} is not "
+                "prefix-stable, so the answer cannot be found in the text to leave it out; "
+                "remove its weight or the row",
+            ) from None
+        spans = _weighed(spans, weights, assistant_only, len(text))
+    else:  # no masking, no prefix renderings
+        text, spans = template.apply(tok, messages, "messages", **kw), None
+    template.check_tools(tok, messages, kw.get("tools"), text)
+    template.check_rendered(tok, messages, kw, text)
     return text, spans
 
 
+def _weighed(
+    spans: list[tuple[int, int]], weights: list[int], assistant_only: bool, length: int
+) -> list[tuple[int, int]]:
+    """The spans to learn from the answers' spans: those of weight 1; without assistant_only,
+    the whole text but the answers of weight 0."""
+    if assistant_only:
+        return [s for s, w in zip(spans, weights, strict=True) if w]
+    bounds = [0, *(x for s, w in zip(spans, weights, strict=True) if not w for x in s), length]
+    return [(a, b) for a, b in zip(bounds[::2], bounds[1::2], strict=True) if a < b]
+
+
 def _for_template(message: dict[str, Any]) -> dict[str, Any]:
-    """OpenAI sends tool-call arguments as JSON text; chat templates (transformers' convention)
-    take them as a mapping and write it out themselves."""
+    """The message as chat templates take it: no `weight` (ours to apply, not the template's),
+    and tool-call arguments as a mapping (transformers' convention), where OpenAI sends them
+    as JSON text."""
+    message = {k: v for k, v in message.items() if k != "weight"}
     if "tool_calls" not in message:
         return message
     calls = [
@@ -308,31 +333,6 @@ def _for_template(message: dict[str, Any]) -> dict[str, Any]:
         for c in message["tool_calls"]
     ]
     return {**message, "tool_calls": calls}
-
-
-def _check_tools(tok: Any, messages: list[dict[str, Any]], tools: list | None, text: str) -> None:
-    """A template that knows nothing of tools renders tool calls as empty turns and drops the
-    schemas without an error: training on that teaches answers without their calls. Every
-    call's name and argument names, and every schema's name, must be in the text."""
-    wanted = [
-        (f"messages[{k}].tool_calls", s)
-        for k, m in enumerate(messages)
-        for c in m.get("tool_calls", [])
-        for s in (c["function"]["name"], *c["function"]["arguments"])
-    ]
-    for t in tools or []:
-        name = (t.get("function") or {}).get("name") or t.get("name")
-        if isinstance(name, str):
-            wanted.append(("tools", name))
-    for field, s in wanted:
-        if s not in text:
-            raise RowError(
-                "template_error",
-                field,
-                f"the chat template of {tok.name_or_path} does not render tools or tool calls "
-                f"({s!r} is not in its text); use a base model whose chat template supports "
-                "tools, or leave tool rows out",
-            )
 
 
 def encode_sft(
@@ -378,6 +378,6 @@ def _first_token_at(enc: Any, pos: int, length: int, count: int) -> int | None:
 
 def preference_tokens(tok: Any, prompt: list[dict[str, str]], chosen: str, rejected: str) -> int:
     """Prompt (with generation prompt) plus the longer answer, in tokens."""
-    prompt_text = _apply(tok, prompt, "prompt", add_generation_prompt=True)
+    prompt_text = template.apply(tok, prompt, "prompt", add_generation_prompt=True)
     lengths = tok([prompt_text, chosen, rejected], add_special_tokens=False)["input_ids"]
     return len(lengths[0]) + max(len(lengths[1]), len(lengths[2])) + 1  # + end of turn

@@ -57,7 +57,7 @@ class ArmRunner:
         self.temperature = temperature if do_sample else 0.0  # the API's way to ask for greedy
         self.seed = seed
         if adapter:  # an adapter the engine refuses fails here, once, not in every batch
-            _answers(self.engine, [GenRequest([self.engine.pad_id], 1, 0.0, adapter=adapter)])
+            served_texts(self.engine, [GenRequest([self.engine.pad_id], 1, 0.0, adapter=adapter)])
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         kinds = list(batch["kind"])
@@ -83,7 +83,7 @@ class ArmRunner:
                 )
                 for i in todo
             ]
-            for i, text in zip(todo, _answers(self.engine, reqs), strict=True):
+            for i, text in zip(todo, served_texts(self.engine, reqs), strict=True):
                 answers[i] = text
         nll, ntok = self._nll(prompts, list(batch["reference"]))
         return {
@@ -119,7 +119,7 @@ class ArmRunner:
         return losses.sum(1).cpu().tolist(), (lab[:, 1:] != -100).sum(1).cpu().tolist()
 
 
-def _answers(engine, reqs: list[GenRequest]) -> list[str]:
+def served_texts(engine, reqs: list[GenRequest]) -> list[str]:
     out = engine.generate(reqs)
     failed = next((r for r in out if isinstance(r, ServeError)), None)
     if failed is not None:

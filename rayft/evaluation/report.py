@@ -33,6 +33,37 @@ def _row(metric: str, c: dict[str, Any]) -> list[str]:
 _HEADER = ["metric", "base", "candidate", "delta", "95% CI", "p", "win/tie/loss"]
 
 
+def _significant(c: dict[str, Any]) -> bool:
+    return c["p_value"] < 0.05 and (c["ci_low"] > 0 or c["ci_high"] < 0)
+
+
+def _lm_eval_rows(report: dict[str, Any], cand: str) -> list[tuple[list[str], bool]]:
+    """(`<task> <metric>` row, significant) of one candidate: paired where the task scores
+    each document; the two scores and their difference otherwise (corpus metrics, groups)."""
+    rows = []
+    for task, t in ((report.get("lm_eval") or {}).get("tasks") or {}).items():
+        paired = t["comparisons"].get(cand, {})
+        for metric, base in t["metrics"]["base"].items():
+            name = f"{task} {metric}"
+            if metric in paired:
+                rows.append((_row(name, paired[metric]), _significant(paired[metric])))
+                continue
+            theirs = t["metrics"][cand].get(metric)
+            delta = theirs - base if theirs is not None and base is not None else None
+            arrow = {True: " ↑", False: " ↓"}.get(t["higher_is_better"].get(metric), "")
+            shown = "—" if delta is None else f"{delta:+.3g}"
+            rows.append(([name + arrow, _fmt(base), _fmt(theirs), shown, "—", "—", "—"], False))
+    return rows
+
+
+def _lm_eval_note(report: dict[str, Any]) -> str:
+    tasks = (report.get("lm_eval") or {}).get("tasks") or {}
+    return "lm-eval documents per task: " + ", ".join(
+        f"{task} {t['n'] if t['n'] is not None else '—'} ({t['num_fewshot']}-shot)"
+        for task, t in tasks.items()
+    )
+
+
 def write_json(report: dict[str, Any], out: Path) -> Path:
     path = out / "report.json"
     path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
@@ -50,6 +81,10 @@ def write_markdown(report: dict[str, Any], out: Path) -> Path:
         lines.append("|" + "---|" * len(_HEADER))
         for metric, c in metrics.items():
             lines.append("| " + " | ".join(_row(metric, c)) + " |")
+        if rows := _lm_eval_rows(report, cand):
+            lines += ["", f"### {cand} vs base: lm-eval tasks", "", _lm_eval_note(report), ""]
+            lines += ["| " + " | ".join(_HEADER) + " |", "|" + "---|" * len(_HEADER)]
+            lines += ["| " + " | ".join(row) + " |" for row, _ in rows]
     lines += ["", "## Arms", ""]
     for name, arm in report["arms"].items():
         where = arm["adapter"] or arm["model"]
@@ -90,6 +125,10 @@ def write_html(
     for cand, metrics in report["comparisons"].items():
         parts.append(f"<h2>{e(cand)} vs base</h2>")
         parts.append(_table(_HEADER, [_row(m, c) for m, c in metrics.items()]))
+        if rows := _lm_eval_rows(report, cand):
+            parts.append(f"<h3>{e(cand)} vs base: lm-eval tasks</h3>")
+            parts.append(f"<p>{e(_lm_eval_note(report))}</p>")
+            parts.append(_table(_HEADER, [row for row, _ in rows]))
     titles = {"loss": "Training and validation loss", "deltas": "Differences with 95% CIs"}
     for key, title in titles.items():
         parts.append(f"<h2>{title}</h2>")
@@ -120,7 +159,13 @@ def print_summary(report: dict[str, Any], html_path: Path, console: Console | No
         for h in _HEADER:
             table.add_column(h, justify="left" if h == "metric" else "right")
         for metric, c in metrics.items():
-            significant = c["p_value"] < 0.05 and (c["ci_low"] > 0 or c["ci_high"] < 0)
-            table.add_row(*_row(metric, c), style="bold" if significant else None)
+            table.add_row(*_row(metric, c), style="bold" if _significant(c) else None)
         console.print(table)
+        if rows := _lm_eval_rows(report, cand):
+            table = Table(title=f"{cand} vs base: lm-eval tasks", caption=_lm_eval_note(report))
+            for h in _HEADER:  # task/metric names have no spaces to wrap at: fold, not cut
+                table.add_column(h, justify="left" if h == "metric" else "right", overflow="fold")
+            for row, significant in rows:
+                table.add_row(*row, style="bold" if significant else None)
+            console.print(table)
     console.print(f"report: {html_path}")

@@ -13,7 +13,7 @@ import numpy as np
 
 from rayft.cluster.connect import local_cpus, ray_session
 from rayft.config import JobConfig
-from rayft.evaluation import plots, report
+from rayft.evaluation import lm_eval, plots, report
 from rayft.evaluation.arms import Arm, base_arm, candidate_arm
 from rayft.evaluation.checks import run_check
 from rayft.evaluation.generate import score_arm
@@ -93,6 +93,8 @@ def evaluate(cfg: JobConfig) -> EvalArtifacts:
         raise EvalError(f"eval.candidates: names must be unique and not 'base': {ev.candidates}")
     rank = cfg.serve.max_lora_rank
     arms: list[Arm] = [base] + [candidate_arm(c, run_dir, base.model, rank) for c in ev.candidates]
+    if ev.lm_eval:
+        lm_eval.check_names(ev.lm_eval.tasks)
     rows = _rows(examples, texts)
     n = len(examples)
 
@@ -112,6 +114,19 @@ def evaluate(cfg: JobConfig) -> EvalArtifacts:
                 max_lora_rank=rank,
                 batch_size=ev.batch_size,
                 num_replicas=ev.num_replicas,
+                use_gpu=cfg.cluster.use_gpu,
+            )
+        harness = None
+        if ev.lm_eval:
+            harness = lm_eval.score_arms(
+                arms,
+                ev.lm_eval.tasks,
+                limit=ev.lm_eval.limit,
+                num_fewshot=ev.lm_eval.num_fewshot,
+                batch_size=ev.batch_size,
+                max_lora_rank=rank,
+                seed=ev.seed,
+                bootstrap_iters=ev.bootstrap_samples,
                 use_gpu=cfg.cluster.use_gpu,
             )
 
@@ -169,6 +184,9 @@ def evaluate(cfg: JobConfig) -> EvalArtifacts:
         "n_general_texts": len(texts),
         "arms": arm_report,
         "comparisons": comparisons,
+        "lm_eval": (
+            {"tasks": lm_eval.compare(harness, ev.bootstrap_samples, ev.seed)} if harness else None
+        ),
         "examples": [
             {
                 "id": e.id,
@@ -195,6 +213,9 @@ def evaluate(cfg: JobConfig) -> EvalArtifacts:
         report.write_html(doc, out, figures, ev.max_report_examples),
         doc,
     )
+    # lm-eval's paired metrics join run.json's deltas as `lm_eval:<task>/<metric>`.
+    harness_deltas = lm_eval.flat_comparisons(doc["lm_eval"]["tasks"]) if harness else {}
+    every = {c: {**per, **harness_deltas.get(c, {})} for c, per in comparisons.items()}
     record_stage(
         run_dir,
         "eval",
@@ -207,7 +228,7 @@ def evaluate(cfg: JobConfig) -> EvalArtifacts:
                 m: {k: c[k] for k in ("delta", "ci_low", "ci_high", "p_value")}
                 for m, c in per.items()
             }
-            for cand, per in comparisons.items()
+            for cand, per in every.items()
         },
     )
     report.print_summary(doc, paths.report_html)

@@ -71,6 +71,7 @@ def _settings(cfg: JobConfig) -> Settings:
         adapter_kinds=kinds,
         job=cfg,
         api_key=os.environ.get("RAYFT_API_KEY") or s.api_key,
+        tenant_keys=dict(s.tenant_keys),
         admin_key=os.environ.get("RAYFT_ADMIN_KEY") or s.admin_key,
     )
 

@@ -22,7 +22,7 @@ from dataclasses import replace
 import ray
 from ray import serve
 
-from rayft.serving.protocol import GenRequest, GenResult
+from rayft.serving.protocol import Delta, GenRequest, GenResult
 
 
 def engine_class(kind: str) -> type:
@@ -87,12 +87,12 @@ class EngineServer:
             return await self.engine.generate(request)
         result = None
         async for item in self.generate_batch(replace(request, stream=False)):
-            result = item  # the last entry: its GenResult (the others are '')
+            result = item  # the last entry: its GenResult (the others are empty Deltas)
         if isinstance(result, Exception):  # this request alone failed (see engine.generate)
             raise result
         return result
 
-    async def stream(self, request: GenRequest) -> AsyncIterator[str | GenResult]:
+    async def stream(self, request: GenRequest) -> AsyncIterator[Delta | GenResult]:
         if self.per_request:
             async for piece in self.engine.stream(request):
                 yield piece
@@ -100,8 +100,8 @@ class EngineServer:
         async for piece in self.generate_batch(replace(request, stream=True)):
             if isinstance(piece, Exception):
                 raise piece
-            if piece:  # '' while others in the batch produce text
-                yield piece
+            if not isinstance(piece, Delta) or piece.text or piece.logprobs:
+                yield piece  # (empty Deltas while others in the batch produce text)
 
     async def check_health(self) -> None:
         """Serve calls this every health_check_period_s and replaces the replica when it raises.

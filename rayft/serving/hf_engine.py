@@ -16,20 +16,20 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import queue
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from rayft.adapters import check_compatible, linears
 from rayft.dtypes import default_dtype, torch_dtype
-from rayft.serving import lora_batch
-from rayft.serving.errors import AdapterRefused, EngineFailed, ServeError
-from rayft.serving.protocol import AdapterRef, GenRequest, GenResult
+from rayft.serving import hf_stream, lora_batch
+from rayft.serving.errors import AdapterRefused, ServeError
+from rayft.serving.protocol import AdapterRef, Delta, GenRequest, GenResult, TokenLogprob
+from rayft.serving.sampling import Decoder, Finished, Row, cut_at_stop, prompt_logprobs
 
 BASE = "__base__"  # PEFT's name for "no adapter" inside a mixed batch
 
@@ -61,6 +61,12 @@ class TransformersEngine:
         declared = self.model.generation_config.eos_token_id
         declared = declared if isinstance(declared, list) else [declared]
         self.eos_ids = sorted({self.tokenizer.eos_token_id, *declared} - {None})
+        # Every token is picked by sampling.Decoder: none of the model's own generation
+        # defaults (a repetition_penalty, say) may change the logits before it sees them.
+        self.model.generation_config = GenerationConfig(
+            eos_token_id=self.eos_ids, pad_token_id=self.pad_id
+        )
+        self._grammars = None  # grammar.Grammars, built by the first constrained request
         self._peft = None  # the PeftModel wrapping self.model once an adapter is resident
         self._resident: OrderedDict[str, str] = OrderedDict()  # key -> name, oldest first
         self._merged: dict[str, torch.nn.Module] = {}  # key -> DoRA merged fallback
@@ -152,20 +158,19 @@ class TransformersEngine:
                         results[i] = _load_error(r.adapter, e)
                         if on_step:
                             on_step(i, results[i])
-            groups: dict[tuple, list[int]] = {}
+            groups: dict[str | None, list[int]] = {}
             for i, r in enumerate(requests):
                 if results[i] is not None:
                     continue
                 merged = r.adapter.key if r.adapter and r.adapter.key in self._merged else None
-                sampling = (0.0, 1.0) if r.temperature == 0 else (r.temperature, r.top_p)
-                groups.setdefault((merged, sampling, r.seed), []).append(i)
-            for (merged, _, _), idx in groups.items():
+                groups.setdefault(merged, []).append(i)  # sampling is per row (Decoder)
+            for merged, idx in groups.items():
                 group = [requests[i] for i in idx]
-                streamer = _StepStreamer(idx, group, on_step, self) if on_step else None
+                streamer = hf_stream.StepStreamer(idx, group, on_step, self) if on_step else None
                 try:
                     answers = self._run(group, merged, streamer)
                 except Exception as e:  # fails this group's requests, not the whole batch
-                    answers = [_group_error(group, e)] * len(group)
+                    answers = [hf_stream.group_error(group, e)] * len(group)
                 for j, (i, res) in enumerate(zip(idx, answers, strict=True)):
                     if streamer and streamer.answered[j] is not None:
                         results[i] = streamer.answered[j]  # the same result, given already
@@ -207,14 +212,6 @@ class TransformersEngine:
             return self._peft, {}, self._stacks.apply(self._peft, rows)
         return self._peft, {"adapter_names": names}, contextlib.nullcontext()
 
-    def _gen_kwargs(self, r: GenRequest, max_new: int) -> dict:
-        kw = {"max_new_tokens": max_new, "pad_token_id": self.pad_id, "eos_token_id": self.eos_ids}
-        if r.temperature == 0:
-            kw.update(do_sample=False)
-        else:
-            kw.update(do_sample=True, temperature=r.temperature, top_p=r.top_p)
-        return kw
-
     def _batch_tensors(self, reqs: list[GenRequest]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(r.prompt_ids) for r in reqs)
         ids = torch.full((len(reqs), width), self.pad_id, dtype=torch.long)
@@ -224,156 +221,120 @@ class TransformersEngine:
             mask[i, width - len(r.prompt_ids) :] = 1
         return ids.to(self.device), mask.to(self.device)
 
+    def _decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def _rows(self, reqs: list[GenRequest]) -> list[Row]:
+        rows = []
+        for r in reqs:
+            try:
+                matcher = None
+                if r.grammar is not None:
+                    if self._grammars is None:
+                        from rayft.serving.grammar import Grammars
+
+                        width = self.model.get_output_embeddings().weight.shape[0]
+                        self._grammars = Grammars(self.tokenizer, self.eos_ids, width)
+                    matcher = self._grammars.matcher(r.grammar)
+                rows.append(Row(r, self.eos_ids, matcher, self._decode))
+            except Exception as e:  # this request fails alone: a row that decodes nothing
+                row = Row(GenRequest(r.prompt_ids, 1, 0.0), self.eos_ids)
+                row.error, row.finished, row.req = e, True, r
+                rows.append(row)
+        return rows
+
     def _run(self, reqs: list[GenRequest], merged: str | None, streamer=None) -> list[GenResult]:
+        rows = self._rows(reqs)
+        prompt_lps = self._prompt_logprobs(reqs, merged)
         model, extra, ctx = self._pick(reqs, merged)
         ids, mask = self._batch_tensors(reqs)
-        kw = self._gen_kwargs(reqs[0], max(r.max_tokens for r in reqs)) | extra
-        if reqs[0].seed is not None:
-            torch.manual_seed(reqs[0].seed)
+        if streamer is not None:
+            streamer.rows_state, streamer.prompt_lps = rows, prompt_lps
         with ctx, torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=mask, streamer=streamer, **kw)
-        return [self._result(r, out[i, ids.shape[1] :].tolist()) for i, r in enumerate(reqs)]
+            model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                streamer=streamer,
+                do_sample=False,  # the Decoder has picked the token: greedy takes it
+                logits_processor=[Decoder(rows, self.pad_id)],
+                stopping_criteria=[Finished(rows)],
+                max_new_tokens=max(r.max_tokens for r in reqs),
+                pad_token_id=self.pad_id,
+                eos_token_id=self.eos_ids,
+                **extra,
+            )
+        return [
+            self._result(r, rows[i].tokens, rows[i].logprobs, prompt_lps[i])
+            if rows[i].error is None
+            else hf_stream.group_error([r], rows[i].error)
+            for i, r in enumerate(reqs)
+        ]
+
+    def _prompt_logprobs(self, reqs: list[GenRequest], merged: str | None) -> list:
+        """Teacher-forced log-probabilities of the prompts that ask for them (echo)."""
+        out: list = [None] * len(reqs)
+        idx = [i for i, r in enumerate(reqs) if r.prompt_logprobs is not None]
+        if not idx:
+            return out
+        asking = [reqs[i] for i in idx]
+        model, extra, ctx = self._pick(asking, merged)
+        ids, mask = self._batch_tensors(asking)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions start at 0
+        with ctx, torch.inference_mode():
+            logits = model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, **extra
+            ).logits
+        for j, i in enumerate(idx):
+            n = len(reqs[i].prompt_ids)
+            out[i] = prompt_logprobs(
+                logits[j, -n:], reqs[i].prompt_ids, reqs[i].prompt_logprobs or 0
+            )
+        return out
 
     def _until_eos(self, tokens: list[int]) -> tuple[list[int], bool]:
         """The tokens before the first end token, and whether there was one."""
         end = next((i for i, t in enumerate(tokens) if t in self.eos_ids), None)
         return (tokens, False) if end is None else (tokens[:end], True)
 
-    def _result(self, r: GenRequest, tokens: list[int]) -> GenResult:
+    def _result(
+        self,
+        r: GenRequest,
+        tokens: list[int],
+        logprobs: list[TokenLogprob] | None = None,
+        prompt_lps: list | None = None,
+    ) -> GenResult:
         tokens, ended = self._until_eos(tokens[: r.max_tokens])
         finish = "stop" if ended else "length"
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        kept = len(tokens)
         cut = cut_at_stop(text, r.stop)
         if cut is not None:
             text, finish = cut, "stop"
-        return GenResult(text, len(r.prompt_ids), len(tokens), finish)
+            kept = self._tokens_of(tokens, len(cut))
+        return GenResult(
+            text,
+            len(r.prompt_ids),
+            len(tokens),
+            finish,
+            logprobs=None if r.logprobs is None else list((logprobs or [])[:kept]),
+            prompt_logprobs=prompt_lps,
+        )
+
+    def _tokens_of(self, tokens: list[int], chars: int) -> int:
+        """How many of `tokens` it takes to write the first `chars` characters of their text."""
+        for m in range(len(tokens) + 1):
+            if len(self.tokenizer.decode(tokens[:m], skip_special_tokens=True)) >= chars:
+                return m
+        return len(tokens)
 
     def stream_batch(
         self, requests: list[GenRequest]
-    ) -> Iterator[list[str | GenResult | ServeError | None]]:
-        """`generate` for a batch in which some requests stream: yields one entry per request
-        at a time: a text piece ('' when there is nothing new; always '' for requests that do
-        not stream), then the request's GenResult or ServeError once, then None. Generation
-        runs in a thread (under the model lock); steps that pile up between two reads become
-        one entry, so a slow reader costs nothing but latency."""
-        events: queue.SimpleQueue = queue.SimpleQueue()
-        end = object()
-
-        def work() -> None:
-            try:
-                self.generate(requests, on_step=lambda rows, x: events.put((rows, x)))
-            except BaseException as e:  # re-raised in the reader, which owns the requests
-                events.put((None, e))
-            events.put((None, end))
-
-        threading.Thread(target=work, daemon=True).start()
-        tokens: list[list[int]] = [[] for _ in requests]
-        shown = [0] * len(requests)  # characters of text already yielded
-        final: list[GenResult | ServeError | None] = [None] * len(requests)
-        sent = [False] * len(requests)
-        finished = False
-        while not finished:
-            pending = [events.get()]
-            with contextlib.suppress(queue.Empty):
-                while True:
-                    pending.append(events.get_nowait())
-            for rows, x in pending:
-                if rows is None:
-                    if x is end:
-                        finished = True
-                        continue
-                    raise x
-                if isinstance(rows, int):
-                    final[rows] = x
-                    continue
-                for i, t in zip(rows, x.reshape(-1).tolist(), strict=True):
-                    tokens[i].append(t)
-            out: list[str | GenResult | ServeError | None] = []
-            for i, r in enumerate(requests):
-                if sent[i]:
-                    out.append(None)
-                elif final[i] is not None:
-                    res = final[i]
-                    if r.stream and isinstance(res, GenResult) and len(res.text) > shown[i]:
-                        out.append(res.text[shown[i] :])  # the rest first, the summary next
-                        shown[i] = len(res.text)
-                        continue
-                    out.append(res)
-                    sent[i] = True
-                elif r.stream:
-                    text = self._partial(r, tokens[i])
-                    out.append(text[shown[i] :])
-                    shown[i] = max(shown[i], len(text))
-                else:
-                    out.append("")
-            if any(x is not None for x in out):  # all None: every row was answered already
-                yield out
-        if not all(sent):  # the summaries of rows whose last text came with the end
-            yield [None if sent[i] else final[i] for i in range(len(requests))]
-
-    def _partial(self, r: GenRequest, tokens: list[int]) -> str:
-        """The text of an unfinished answer that is safe to show: complete words only, and
-        nothing that could still become the start of a stop string."""
-        tokens, _ = self._until_eos(tokens)
-        text = self.tokenizer.decode(tokens[: r.max_tokens], skip_special_tokens=True)
-        cut = cut_at_stop(text, r.stop)
-        if cut is not None:
-            return cut
-        end = text.rfind(" ") + 1 if not text.endswith("\n") else len(text)
-        hold = max((len(s) for s in r.stop), default=1) - 1
-        return text[: max(0, min(end, len(text) - hold))]
-
-
-class _StepStreamer:
-    """What `generate(streamer=)` calls: the prompt once (skipped), then each step's new token
-    per row. Not TextStreamer: that one takes batch size 1 only.
-
-    A row that reaches EOS or its own max_tokens is answered at once (`on_step(i, result)`),
-    not when the longest row of its group is done: its result cannot change any more (rows
-    past EOS only get padding), and a short stream should not wait for a long neighbour."""
-
-    def __init__(self, rows: list[int], reqs: list[GenRequest], on_step, engine):
-        self.rows, self.reqs, self.on_step, self.engine = rows, reqs, on_step, engine
-        self.prompt = True
-        self.tokens: list[list[int]] = [[] for _ in rows]
-        self.answered: list[GenResult | None] = [None] * len(rows)
-
-    def put(self, value: torch.Tensor) -> None:
-        if self.prompt:
-            self.prompt = False
-            return
-        self.on_step(self.rows, value)
-        for j, t in enumerate(value.reshape(-1).tolist()):
-            if self.answered[j] is not None:
-                continue
-            self.tokens[j].append(t)
-            if t in self.engine.eos_ids or len(self.tokens[j]) >= self.reqs[j].max_tokens:
-                self.answered[j] = self.engine._result(self.reqs[j], self.tokens[j])
-                self.on_step(self.rows[j], self.answered[j])
-
-    def end(self) -> None:
-        pass
-
-
-def _group_error(group: list[GenRequest], e: Exception) -> ServeError:
-    if isinstance(e, ServeError):
-        return e
-    names = sorted({r.adapter.name if r.adapter else "base" for r in group})
-    return EngineFailed(
-        f"generation failed for the {len(group)} request(s) of one batch group (model/adapter "
-        f"{', '.join(names)}; temperature {group[0].temperature}, top_p {group[0].top_p}): "
-        f"{type(e).__name__}: {e}"[:800]
-        + ". Other requests of the batch were answered; retry, and report it if it persists",
-    )
+    ) -> Iterator[list[Delta | GenResult | ServeError | None]]:
+        """See `hf_stream.stream_batch`."""
+        return hf_stream.stream_batch(self, requests)
 
 
 def _load_error(ref: AdapterRef, e: Exception) -> ServeError:
     if isinstance(e, ServeError):
         return e
     return AdapterRefused(f"adapter {ref.name!r} ({ref.path}) could not be loaded: {e}", "model")
-
-
-def cut_at_stop(text: str, stops: list[str]) -> str | None:
-    """`text` up to the earliest stop string, or None when none occurs."""
-    hits = [text.index(s) for s in stops if s and s in text]
-    return text[: min(hits)] if hits else None

@@ -1,27 +1,32 @@
-"""OpenAI request shapes (validated strictly) and response bodies.
+"""OpenAI request shapes (validated strictly) and the one rule for parameters.
+
+Every field of OpenAI's chat and (legacy) completions requests either works or is refused with a
+400 naming it and saying why; no field is accepted and dropped. vLLM's sampling extras
+(`top_k`, `min_p`, `repetition_penalty`) are honoured by both engines. A misspelt or unknown
+field is refused (OpenAI's own message: "Unrecognized request argument supplied"), so a client
+never believes a setting took effect when it did not.
 
 Every rule about a request's shape lives here, as validators, so a bad request is refused before
 it is routed (no arm, shadow or engine sees it). The server's own limits (`serve.max_n`,
 `serve.max_tokens_limit`) come in through pydantic's validation context (see `parse`).
-Integers are strict: `"max_tokens": 2.5` is a 400, not a silent 2. Unknown fields are ignored,
-as OpenAI does, so newer clients keep working.
+Integers are strict: `"max_tokens": 2.5` is a 400, not a silent 2.
 """
 
 from __future__ import annotations
 
-import time
 import uuid
 from typing import Any, Literal, TypeVar
 
-from openai.types import Completion, CompletionChoice, CompletionUsage, chat
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     StrictInt,
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from rayft.config import ExperimentConfig
@@ -30,19 +35,56 @@ from rayft.serving.protocol import SEED_RANGE
 
 M = TypeVar("M", bound=BaseModel)
 
+# OpenAI parameters this server knows and cannot honour, with the reason a client is told.
+UNSUPPORTED = {
+    "audio": "this server serves text models only",
+    "prediction": "predicted outputs are not supported",
+    "reasoning_effort": "the served models are not reasoning models",
+    "verbosity": "the served models have no verbosity setting",
+    "web_search_options": "this server has no web search",
+    "functions": "`functions` is deprecated: send `tools` instead",
+    "function_call": "`function_call` is deprecated: send `tool_choice` instead",
+    "metadata": "this server does not store completions, and metadata is kept only with `store`",
+    "suffix": "insertion (a suffix after the completion) is not supported",
+    "prompt_cache_key": "prompt caching is automatic here; there is no cache key to set",
+    "safety_identifier": "send `user` to identify the end user",
+}
+
 
 class _Req(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     model: str
     max_tokens: StrictInt | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    stream: bool = False  # before `n`: n's rule reads it
+    stream: StrictBool = False  # before `n` and `stream_options`: their rules read it
+    stream_options: StreamOptions | None = None
     n: StrictInt = Field(1, ge=1)
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(None)
     user: str | None = None
     seed: StrictInt | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    # vLLM's sampling extras
+    top_k: StrictInt = Field(0, ge=-1)  # 0 and -1: off
+    min_p: float = Field(0.0, ge=0, le=1)
+    repetition_penalty: float = Field(1.0, gt=0, le=2)
+    # Accepted where the value asks for what this server does anyway
+    store: Literal[False] | None = Field(
+        None, description="Completions are never stored here: only false is accepted."
+    )
+    service_tier: Literal["auto", "default"] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known(cls, body: Any) -> Any:
+        if isinstance(body, dict):
+            for name, why in UNSUPPORTED.items():
+                if body.get(name) is not None:
+                    raise BadRequest(f"{name}: {why}", name, "unsupported_parameter")
+        return body
 
     @field_validator("n")
     @classmethod
@@ -53,6 +95,34 @@ class _Req(BaseModel):
         if n != 1 and info.data.get("stream"):
             raise ValueError("stream=true supports n=1 only")
         return n
+
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options(cls, value, info: ValidationInfo):
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed with stream=true")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, stop):
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        # OpenAI takes 4, vLLM any number; lm-eval's tasks send theirs plus the end token.
+        if len(stops) > 32:
+            raise ValueError(f"at most 32 stop sequences, got {len(stops)}")
+        if any(s == "" for s in stops):
+            raise ValueError("a stop sequence cannot be empty")
+        return stop
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, bias):
+        for key, value in (bias or {}).items():
+            if not key.lstrip("-").isdigit():
+                raise ValueError(f"keys are token ids written as strings; got {key!r}")
+            if not -100 <= value <= 100:
+                raise ValueError(f"bias {value} for token {key} is outside [-100, 100]")
+        return bias
 
     @field_validator("max_tokens")
     @classmethod
@@ -65,6 +135,15 @@ class _Req(BaseModel):
     def asked_tokens(self) -> int | None:
         return self.max_tokens
 
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: StrictBool = False
+
 
 def _within_limit(asked: int | None, info: ValidationInfo, name: str) -> int | None:
     limit = (info.context or {}).get("max_tokens_limit")
@@ -73,28 +152,97 @@ def _within_limit(asked: int | None, info: ValidationInfo, name: str) -> int | N
     return asked
 
 
-class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class JsonSchema(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict = Field(default_factory=dict, alias="schema")
+    strict: StrictBool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
+
+    @model_validator(mode="after")
+    def _schema(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs a `json_schema` object")
+        if self.type != "json_schema" and self.json_schema is not None:
+            raise ValueError(f"`json_schema` goes with type json_schema, not {self.type}")
+        return self
+
+    def grammar(self) -> dict | None:
+        """The engines' grammar for this format (protocol.GenRequest.grammar), or None."""
+        if self.type == "json_object":
+            return {"type": "json_object"}
+        if self.type == "json_schema":
+            return {"type": "json_schema", "schema": self.json_schema.schema_}
+        return None
 
 
 class ChatRequest(_Req):
-    messages: list[Message] = Field(min_length=1)
+    # Messages are checked and normalised by `tools.normalize` (content parts, tool turns).
+    messages: list[dict] = Field(min_length=1)
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: StrictBool = True
+    modalities: list[Literal["text"]] | None = None
 
     @field_validator("max_completion_tokens")
     @classmethod
     def _max_completion_tokens(cls, asked: int | None, info: ValidationInfo) -> int | None:
         return _within_limit(asked, info, "max_completion_tokens")
 
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs(cls, k: int | None, info: ValidationInfo) -> int | None:
+        if k is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs=true")
+        return k
+
     def asked_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    def logprob_count(self) -> int | None:
+        """GenRequest.logprobs: None, or how many alternatives per token."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
 
 class CompletionRequest(_Req):
-    prompt: str | list[StrictInt] = Field(min_length=1)
+    # One prompt (text or token ids) or a batch of them; each gets `n` choices.
+    prompt: str | list[StrictInt] | list[str] | list[list[StrictInt]] = Field(min_length=1)
+    echo: StrictBool = False
+    logprobs: StrictInt | None = Field(None, ge=0, le=5)
+    best_of: StrictInt | None = Field(None, ge=1)
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, best_of: int | None, info: ValidationInfo) -> int | None:
+        if best_of is not None and best_of != info.data.get("n", 1):
+            raise ValueError(
+                "best_of other than n is not supported: ask for n choices and rank them "
+                "with logprobs"
+            )
+        return best_of
+
+    def prompts(self) -> list[str | list[int]]:
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]
+        if any(len(x) == 0 for x in p):
+            raise BadRequest("prompt: a prompt in the batch is empty", "prompt", "invalid_value")
+        return list(p)
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs
 
 
 class FeedbackRequest(BaseModel):
@@ -127,89 +275,17 @@ def parse(cls: type[M], body: Any, **limits: int) -> M:
     try:
         return cls.model_validate(body, context=limits)
     except ValidationError as e:
-        err = e.errors()[0]
+        errors = e.errors()
+        # An unknown field first: a misspelt name also explains the field said to be missing.
+        err = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])
         param = ".".join(str(p) for p in err["loc"]) or None
         msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            raise BadRequest(
+                f"Unrecognized request argument supplied: {param}", param, "unknown_parameter"
+            ) from None
         raise BadRequest(f"{param or 'body'}: {msg}", param, "invalid_value") from None
 
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
-
-
-# Response bodies are built from the `openai` package's own response models: a field or a value
-# OpenAI's clients would not accept (a finish_reason outside theirs, a missing field) fails here,
-# in rayft, not in a user's client.
-
-
-def _usage(results: list, prompt_tokens: int) -> CompletionUsage:
-    completion = sum(r.completion_tokens for r in results)
-    return CompletionUsage(
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion,
-        total_tokens=prompt_tokens + completion,
-    )
-
-
-def _json(obj: BaseModel) -> dict:
-    return obj.model_dump(mode="json", exclude_unset=True)
-
-
-def _answer(cls, kind: str, rid: str, model: str, choices, results, prompt_tokens: int) -> dict:
-    usage = _usage(results, prompt_tokens)
-    body = cls(
-        id=rid, object=kind, created=int(time.time()), model=model, choices=choices, usage=usage
-    )
-    return _json(body)
-
-
-def chat_body(rid: str, model: str, results: list, prompt_tokens: int) -> dict:
-    choices = [
-        chat.chat_completion.Choice(
-            index=i,
-            message=chat.ChatCompletionMessage(role="assistant", content=r.text),
-            finish_reason=r.finish_reason,
-            logprobs=None,
-        )
-        for i, r in enumerate(results)
-    ]
-    return _answer(
-        chat.ChatCompletion, "chat.completion", rid, model, choices, results, prompt_tokens
-    )
-
-
-def completion_body(rid: str, model: str, results: list, prompt_tokens: int) -> dict:
-    choices = [
-        CompletionChoice(index=i, text=r.text, finish_reason=r.finish_reason, logprobs=None)
-        for i, r in enumerate(results)
-    ]
-    return _answer(Completion, "text_completion", rid, model, choices, results, prompt_tokens)
-
-
-def chat_chunk(rid: str, model: str, delta: dict, finish: str | None) -> dict:
-    choice = chat.chat_completion_chunk.Choice(
-        index=0, delta=chat.chat_completion_chunk.ChoiceDelta(**delta), finish_reason=finish
-    )
-    choice.logprobs = None  # sent as null, as OpenAI does
-    return _json(
-        chat.ChatCompletionChunk(
-            id=rid,
-            object="chat.completion.chunk",
-            created=int(time.time()),
-            model=model,
-            choices=[choice],
-        )
-    )
-
-
-def completion_chunk(rid: str, model: str, text: str, finish: str | None) -> dict:
-    # Written out: the package has no model of a streamed legacy completion (its Completion
-    # refuses the null finish_reason that every chunk but the last carries).
-    choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-    return {
-        "id": rid,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [choice],
-    }

@@ -32,6 +32,30 @@ class GenRequest:
     adapter: AdapterRef | None = None
     seed: int | None = None
     stream: bool = False  # set by the engine deployment: wants its text as it is produced
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0
+    # OpenAI's penalties count the answer's own tokens (presence: once a token has appeared;
+    # frequency: per appearance), vLLM's repetition_penalty (1 = off) the prompt's too.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    # Log-probabilities: None asks for none; k >= 0 asks for each chosen token's and the k most
+    # likely alternatives'. They are the model's own (log-softmax of its logits, before
+    # temperature, penalties, bias or grammar), as vLLM reports them.
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (completions' echo)
+    # Constrained decoding (`grammar`): {"type": "json_object"} or
+    # {"type": "json_schema", "schema": {...}}. The answer is a complete match, or finishes
+    # with "length".
+    grammar: dict | None = None
+
+
+@dataclass
+class TokenLogprob:
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # the k most likely, best first
 
 
 @dataclass
@@ -40,6 +64,19 @@ class GenResult:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" | "length"
+    logprobs: list[TokenLogprob] | None = None  # one per completion token, when asked
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt token; first None
+    cached_tokens: int | None = None  # prompt tokens served from a prefix cache, where known
+
+
+@dataclass
+class Delta:
+    """A streamed piece: new text (maybe '') and the log-probabilities of the tokens produced
+    since the last piece (when asked). Text and tokens need not line up: the text of a token
+    that could still become part of a stop string is held back, its log-probability is not."""
+
+    text: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 class Engine(Protocol):
@@ -72,9 +109,9 @@ class BatchEngine(Engine, Protocol):
 
     def stream_batch(
         self, requests: list[GenRequest]
-    ) -> Iterator[list[str | GenResult | ServeError | None]]:
+    ) -> Iterator[list[Delta | GenResult | ServeError | None]]:
         """`generate` for a batch in which some requests stream: each yield has one entry per
-        request: text pieces (for streaming requests; '' otherwise), then its GenResult or
+        request: Deltas (for streaming requests; an empty one otherwise), then its GenResult or
         ServeError once, then None."""
         ...
 
@@ -85,8 +122,8 @@ class RequestEngine(Engine, Protocol):
 
     async def generate(self, request: GenRequest) -> GenResult: ...
 
-    def stream(self, request: GenRequest) -> AsyncIterator[str | GenResult]:
-        """Text pieces as they are produced, then the GenResult."""
+    def stream(self, request: GenRequest) -> AsyncIterator[Delta | GenResult]:
+        """Deltas as they are produced, then the GenResult."""
         ...
 
     async def check_health(self) -> None:

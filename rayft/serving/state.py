@@ -34,6 +34,7 @@ class Settings:
     job: JobConfig  # merges and engine deployments made at run time need the base and serve
     api_key: str | None = None
     admin_key: str | None = None
+    tenant_keys: dict[str, str] | None = None  # tenant -> key
 
 
 class IngressState:
@@ -44,7 +45,7 @@ class IngressState:
             "max_tokens_limit": settings.job.serve.max_tokens_limit,
         }
         self.engines = dict(engines)
-        self.tokenizers, self.context, self.vocab = {}, {}, {}
+        self.tokenizers, self.context, self.vocab, self.token_text = {}, {}, {}, {}
         for name, path in settings.model_dirs.items():
             self.add_model(name, path)
         self.linears = settings.linears
@@ -71,16 +72,25 @@ class IngressState:
         # could each deploy and then delete the other's weights.
         self.admin_lock = asyncio.Lock()
 
-    def auth(self, request: Request, key: str | None = None) -> None:
-        key = self.s.api_key if key is None else key
-        if key is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+    def auth(self, request: Request, key: str | None = None) -> str | None:
+        """Check the request's key; answer the tenant it belongs to (None when the API is
+        open). `key` given: only that key is accepted (the admin API)."""
+        keys = {"admin": key} if key is not None else dict(self.s.tenant_keys or {})
+        if key is None and self.s.api_key is not None:
+            keys["default"] = self.s.api_key
+        if not keys:
+            return None
+        given = request.headers.get("authorization", "").encode()
+        tenant = None
+        for name, k in keys.items():  # every key compared: the time taken says nothing
+            if hmac.compare_digest(given, f"Bearer {k}".encode()):
+                tenant = name
+        if tenant is None:
             raise Unauthorized(
                 "Missing or wrong API key: send `Authorization: Bearer <key>`",
                 code="invalid_api_key",
             )
+        return tenant
 
     def admin(self, request: Request) -> None:
         # No admin key means no admin API: loading code-adjacent files must never be open.
@@ -100,13 +110,16 @@ class IngressState:
     def add_model(self, name: str, path: str) -> None:
         from transformers import AutoConfig, AutoTokenizer
 
+        from rayft.serving.bodies import Tokens
+
         self.tokenizers[name] = AutoTokenizer.from_pretrained(path)
+        self.token_text[name] = Tokens(self.tokenizers[name])
         config = AutoConfig.from_pretrained(path)
         self.context[name] = config.max_position_embeddings
         self.vocab[name] = config.vocab_size
 
     def drop_model(self, name: str) -> None:
-        for table in (self.engines, self.tokenizers, self.context, self.vocab):
+        for table in (self.engines, self.tokenizers, self.context, self.vocab, self.token_text):
             table.pop(name, None)
 
     def spawn(self, coro) -> None:

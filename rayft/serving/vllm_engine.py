@@ -24,15 +24,29 @@ from typing import TYPE_CHECKING
 from rayft.adapters import base_linears, check_compatible
 from rayft.errors import RayftError
 from rayft.serving.errors import AdapterRefused, BadRequest, EngineFailed
-from rayft.serving.protocol import SEED_RANGE, AdapterRef, GenRequest, GenResult
+from rayft.serving.protocol import (
+    SEED_RANGE,
+    AdapterRef,
+    Delta,
+    GenRequest,
+    GenResult,
+    TokenLogprob,
+)
 
 if TYPE_CHECKING:
+    from vllm.logprobs import Logprob
     from vllm.lora.request import LoRARequest
 
 # vLLM's finish reasons (vllm.v1.engine.FINISH_REASON_STRINGS) that end an answer. The others
 # cut it short: `abort` and `error` (the engine gave up on it) and `repetition` (a detector
 # rayft never turns on); their text is not an answer and is never passed off as one.
 ANSWERED = ("stop", "length")
+
+# vLLM's structured outputs backend (GenRequest.grammar): llguidance, the library the
+# transformers engine constrains its answers with (rayft.serving.grammar), so both engines take
+# the same schemas and allow the same answers. vLLM's default ("auto") picks xgrammar per
+# request and falls back to llguidance or outlines for what xgrammar refuses.
+GRAMMAR_BACKEND = "guidance"
 
 
 class VllmMissing(RayftError):
@@ -67,6 +81,8 @@ def engine_args(
     model_path: str, max_loras: int, max_lora_rank: int, tensor_parallel_size: int
 ) -> dict:
     """Keyword arguments of vLLM's AsyncEngineArgs."""
+    from vllm.config import StructuredOutputsConfig
+
     return {
         "model": model_path,
         "enable_lora": True,
@@ -78,12 +94,21 @@ def engine_args(
         "tensor_parallel_size": tensor_parallel_size,
         "enable_log_requests": False,  # a line per request: the ingress logs requests itself
         "disable_log_stats": True,  # rayft's metrics count requests; vLLM's would duplicate them
+        # The model's own log-probabilities (before temperature, penalties, bias and grammar),
+        # as GenRequest.logprobs promises; vLLM's default today, named so a new default cannot
+        # change them. Its max_logprobs (20) is left as it is: the API asks for 20 at most.
+        "logprobs_mode": "raw_logprobs",
+        # No whitespace between JSON tokens, as the transformers engine (rayft.serving.grammar
+        # says why). vLLM takes this for xgrammar and guidance only, and per engine only.
+        "structured_outputs_config": StructuredOutputsConfig(
+            backend=GRAMMAR_BACKEND, disable_any_whitespace=True
+        ),
     }
 
 
 def sampling_args(r: GenRequest, stream: bool) -> dict:
     """Keyword arguments of vLLM's SamplingParams for request `r`."""
-    from vllm.sampling_params import RequestOutputKind
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
     if r.seed is not None and not SEED_RANGE[0] <= r.seed <= SEED_RANGE[1]:
         raise BadRequest(f"seed={r.seed} does not fit in 64 bits, as vLLM needs", "seed")
@@ -93,10 +118,30 @@ def sampling_args(r: GenRequest, stream: bool) -> dict:
         "top_p": r.top_p,
         "stop": r.stop,
         "seed": r.seed,
+        "top_k": r.top_k,  # 0 is off for vLLM too
+        "min_p": r.min_p,
+        "presence_penalty": r.presence_penalty,
+        "frequency_penalty": r.frequency_penalty,
+        "repetition_penalty": r.repetition_penalty,
+        "logit_bias": r.logit_bias,
+        "logprobs": r.logprobs,
+        "prompt_logprobs": r.prompt_logprobs,
+        "structured_outputs": None
+        if r.grammar is None
+        else StructuredOutputsParams(**grammar_args(r.grammar)),
         # DELTA: each output holds the text and tokens that are new since the last one;
         # FINAL_ONLY: one output at the end, with everything.
         "output_kind": RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
     }
+
+
+def grammar_args(grammar: dict) -> dict:
+    """Keyword arguments of vLLM's StructuredOutputsParams for GenRequest.grammar."""
+    if grammar["type"] == "json_object":
+        return {"json_object": True}
+    if grammar["type"] == "json_schema":
+        return {"json": grammar["schema"]}
+    raise ValueError(f"GenRequest.grammar of unknown type {grammar['type']!r}")
 
 
 def lora_args(ref: AdapterRef, lora_id: int) -> dict:
@@ -115,6 +160,18 @@ def finish_reason(reason: str | None) -> str:
     if reason in ANSWERED:
         return reason
     raise EngineFailed(f"vLLM ended the request without answering it (finish_reason={reason!r})")
+
+
+def token_logprob(position: dict[int, Logprob], k: int) -> TokenLogprob:
+    """rayft's TokenLogprob of one position of vLLM's logprobs, asked with k alternatives.
+
+    vLLM's position is {token id: Logprob}: the chosen (or prompt) token first, then its k most
+    likely, which hold ranks 1..k. The chosen token is one of those k exactly when its own rank
+    is at most k (a rank counts the tokens at least as likely); it is then listed once, under its
+    rank among them. Ranks, not the dict's order, give the alternatives' order."""
+    token, chosen = next(iter(position.items()))
+    top = sorted((lp.rank, t, lp.logprob) for t, lp in position.items() if lp.rank <= k)
+    return TokenLogprob(token, chosen.logprob, [(t, lp) for _, t, lp in top])
 
 
 class VllmEngine:
@@ -177,11 +234,11 @@ class VllmEngine:
             raise EngineFailed("vLLM ended the request without a finished output", None)
         return result
 
-    def stream(self, r: GenRequest) -> AsyncIterator[str | GenResult]:
-        """Text pieces as vLLM produces them, then the GenResult."""
+    def stream(self, r: GenRequest) -> AsyncIterator[Delta | GenResult]:
+        """Deltas as vLLM produces them, then the GenResult."""
         return self._answer(r, stream=True)
 
-    async def _answer(self, r: GenRequest, stream: bool) -> AsyncIterator[str | GenResult]:
+    async def _answer(self, r: GenRequest, stream: bool) -> AsyncIterator[Delta | GenResult]:
         from vllm import SamplingParams
         from vllm.exceptions import VLLMClientError, VLLMValidationError
         from vllm.inputs import TokensPrompt
@@ -191,7 +248,7 @@ class VllmEngine:
         except VLLMValidationError as e:
             raise BadRequest(f"{e}", e.parameter) from None
         lora = await self._acquire(r.adapter)
-        text, tokens = [], 0
+        text, tokens, logprobs, prompt_logprobs = [], 0, [], []
         try:
             prompt = TokensPrompt(prompt_token_ids=r.prompt_ids)
             # Closed with this generator: a client that leaves mid-stream aborts its request in
@@ -200,15 +257,33 @@ class VllmEngine:
                 self.llm.generate(prompt, params, uuid.uuid4().hex, lora_request=lora)
             ) as outputs:
                 async for out in outputs:
+                    # Each output holds what is new since the last one (DELTA), or everything
+                    # (FINAL_ONLY, a single output), so appending gathers the whole answer.
                     piece = out.outputs[0]
                     tokens += len(piece.token_ids)
-                    if piece.text:
-                        text.append(piece.text)
-                        if stream:
-                            yield piece.text
+                    text.append(piece.text)
+                    new = []
+                    if r.logprobs is not None:
+                        new = [token_logprob(p, r.logprobs) for p in piece.logprobs]
+                        logprobs += new
+                    # The prompt's come whole with one output (the first, or the only one).
+                    if r.prompt_logprobs is not None and out.prompt_logprobs:
+                        prompt_logprobs += [
+                            None if p is None else token_logprob(p, r.prompt_logprobs)
+                            for p in out.prompt_logprobs
+                        ]
+                    if stream and (piece.text or new):
+                        yield Delta(piece.text, new)
                     if out.finished:
-                        reason = finish_reason(piece.finish_reason)
-                        yield GenResult("".join(text), len(r.prompt_ids), tokens, reason)
+                        yield GenResult(
+                            "".join(text),
+                            len(r.prompt_ids),
+                            tokens,
+                            finish_reason(piece.finish_reason),
+                            logprobs=None if r.logprobs is None else logprobs,
+                            prompt_logprobs=None if r.prompt_logprobs is None else prompt_logprobs,
+                            cached_tokens=out.num_cached_tokens,  # vLLM's prefix cache
+                        )
         except VLLMClientError as e:  # the request's fault, e.g. longer than the model's context
             param = e.parameter if isinstance(e, VLLMValidationError) else None
             raise BadRequest(f"{e}", param) from None

@@ -2,23 +2,25 @@
 copy to the shadow arm, log.
 
 Order matters: everything that can refuse a request (its shape, the server's limits, the model
-name, the context length) runs before any engine or shadow sees it, so a refused request is
-never generated and never logged as answered on any arm.
+name, the context length, a schema the grammar cannot compile) runs before any engine or shadow
+sees it, so a refused request is never generated and never logged as answered on any arm.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures at runtime.
 import asyncio
-import json
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from rayft.serving import bodies, tools
 from rayft.serving import openai_api as oa
-from rayft.serving.errors import BadRequest, ServeError, engine_errors, serve_error
-from rayft.serving.prompts import chat_prompt_ids
-from rayft.serving.protocol import GenRequest, GenResult
+from rayft.serving.errors import BadRequest, ServeError, engine_errors
+from rayft.serving.grammar import GrammarError, check
+from rayft.serving.prompts import chat_prompt, normalize
+from rayft.serving.protocol import SEED_RANGE, GenRequest, GenResult
+from rayft.serving.routes import stream as sse
 from rayft.serving.routing import Target
 from rayft.serving.state import IngressState, State
 
@@ -35,37 +37,65 @@ async def completions(request: Request, st: State) -> Response:
     return await complete(st, request, chat=False)
 
 
+@dataclass
+class Plan:
+    """What a valid request asks of the engines, and how their answers become choices."""
+
+    req: oa.ChatRequest | oa.CompletionRequest
+    chat: bool
+    gens: list[GenRequest]  # one per prompt (chat: one); each is asked `n` times
+    tools: list[dict] | None = None  # offered and callable (tool_choice is not "none")
+    forced: bool = False  # tool_choice "required" or named: the answer is the calls' JSON
+    family: str = "hermes"  # how the model writes tool calls (`tools.KNOWN_FAMILIES`)
+    tenant: str | None = None
+    prompt_texts: list[str | None] | None = None  # completions: the prompts as sent (echo)
+
+
 async def complete(st: IngressState, request: Request, chat: bool) -> Response:
-    st.auth(request)
+    tenant = st.auth(request)
     shape = oa.ChatRequest if chat else oa.CompletionRequest
     req = oa.parse(shape, await st.body(request), **st.limits)
     target, shadow = st.registry.route(req.model, req.user)
-    ids = _prompt_ids(st, target.engine, req)
-    gen = _gen_request(st, target, req, ids)
+    plan = _plan(st, target, req, chat)
+    plan.tenant = tenant
     rid = oa.new_id("chatcmpl" if chat else "cmpl")
     headers = {"X-Rayft-Arm": target.arm, "X-Request-Id": rid}
     if shadow is not None:  # the request is valid: the shadow arm answers it too
-        st.spawn(_shadow(st, shadow, gen, rid, req))
+        st.spawn(_shadow(st, shadow, plan, rid))
     started = time.perf_counter()
+    prompt_tokens = sum(len(g.prompt_ids) for g in plan.gens) * req.n
     if req.stream:
-        pieces = st.engines[target.engine].options(stream=True).stream.remote(gen)
+        pieces = st.engines[target.engine].options(stream=True).stream.remote(plan.gens[0])
         try:  # wait for the first piece: errors before it get a real status, not an event
             with engine_errors():
                 first = await anext(pieces, None)
         except ServeError as e:
-            _log(st, rid, req, target, e.status, started, len(ids), stream=True)
+            log(st, rid, plan, target, e.status, started, prompt_tokens, stream=True)
             raise
         except Exception as e:
-            _log(st, rid, req, target, 500, started, len(ids), stream=True)
+            log(st, rid, plan, target, 500, started, prompt_tokens, stream=True)
             return server_error(e)
-        return StreamingResponse(
-            _sse(st, rid, req, target, gen, chat, pieces, first, started),
-            headers=headers,
-            media_type="text/event-stream",
-        )
+
+        def done(status: int, completion: int, cached: int | None) -> None:
+            log(
+                st,
+                rid,
+                plan,
+                target,
+                status,
+                started,
+                prompt_tokens,
+                completion,
+                stream=True,
+                cached=cached,
+            )
+
+        echo = "" if chat or not req.echo else echoed(plan, st.token_text[target.engine], 0)
+        events = sse.events(st, rid, plan, target, pieces, first, echo, done)
+        return StreamingResponse(events, headers=headers, media_type="text/event-stream")
     status, results = 500, []
     try:
-        results = await _generate(st, target, gen, req.n)
+        results = await _generate(st, target, plan.gens, req.n)
         status = 200
     except ServeError as e:
         status = e.status
@@ -74,8 +104,11 @@ async def complete(st: IngressState, request: Request, chat: bool) -> Response:
         return server_error(e)
     finally:
         tokens = sum(r.completion_tokens for r in results)
-        _log(st, rid, req, target, status, started, len(ids), tokens)
-    body = (oa.chat_body if chat else oa.completion_body)(rid, req.model, results, len(ids))
+        log(st, rid, plan, target, status, started, prompt_tokens, tokens, cached=cached(results))
+    tok = st.token_text[target.engine]
+    choices = [choice(plan, tok, i // req.n, r) for i, r in enumerate(results)]
+    used = bodies.usage(prompt_tokens, sum(r.completion_tokens for r in results), cached(results))
+    body = (bodies.chat_body if chat else bodies.completion_body)(rid, req.model, choices, used)
     return JSONResponse(body, headers=headers)
 
 
@@ -85,24 +118,96 @@ def server_error(e: BaseException) -> JSONResponse:
     return JSONResponse(body, status_code=500)
 
 
-def _prompt_ids(st: IngressState, engine: str, req) -> list[int]:
-    tok = st.tokenizers[engine]
-    if isinstance(req, oa.ChatRequest):
-        return chat_prompt_ids(tok, [m.model_dump() for m in req.messages])
-    if isinstance(req.prompt, str):
-        return tok(req.prompt)["input_ids"]
+# ---------------------------------------------------------------------- request -> engine
+
+
+def _plan(st: IngressState, target: Target, req, chat: bool) -> Plan:
+    tok = st.tokenizers[target.engine]
+    grammar = None
+    plan = Plan(req, chat, [])
+    if chat:
+        messages = normalize(req.messages)
+        offered = tools.check_tools(req.tools, req.tool_choice)
+        schema = None
+        if offered and req.tool_choice != "none":
+            plan.tools = offered
+            schema = tools.forced_schema(offered, req.tool_choice, req.parallel_tool_calls)
+            plan.forced = schema is not None
+        if req.response_format is not None:
+            grammar = req.response_format.grammar()
+            if grammar is not None and plan.tools:
+                raise BadRequest(
+                    "response_format: a JSON response_format and callable tools cannot be "
+                    "combined (the answer is either JSON or tool calls); send tool_choice "
+                    '"none" or drop response_format',
+                    "response_format",
+                    "invalid_value",
+                )
+        if schema is not None:
+            grammar = {"type": "json_schema", "schema": schema}
+        # Under tool_choice "none" the tools are not offered to the model (their history still
+        # renders); the family is how the prompt asked for calls (the fallback is Hermes).
+        prompt = chat_prompt(tok, messages, plan.tools)
+        plan.family = prompt.family
+        prompts = [prompt.ids]
+    else:
+        plan.prompt_texts = [p if isinstance(p, str) else None for p in req.prompts()]
+        prompts = [_prompt_ids(st, target.engine, p) for p in req.prompts()]
+        if req.stream and len(prompts) > 1:
+            raise BadRequest("stream=true takes one prompt", "prompt", "invalid_value")
+        if req.stream and req.echo and req.logprobs is not None:
+            raise BadRequest(
+                "echo with logprobs is not streamed: send stream=false to score a prompt",
+                "echo",
+                "invalid_value",
+            )
+    n_choices = len(prompts) * req.n
+    if n_choices > st.limits["max_n"]:
+        raise BadRequest(
+            f"{len(prompts)} prompts x n={req.n} is {n_choices} choices, above this server's "
+            f"limit of {st.limits['max_n']}",
+            "n",
+            "invalid_value",
+        )
+    if grammar is not None:
+        try:
+            check(grammar)
+        except GrammarError as e:
+            param = "tools" if plan.forced else "response_format.json_schema.schema"
+            raise BadRequest(f"{param}: {e}", param, "invalid_schema") from None
+    bias = _logit_bias(st, target.engine, req)
+    plan.gens = [_gen_request(st, target, req, ids, grammar, bias) for ids in prompts]
+    return plan
+
+
+def _prompt_ids(st: IngressState, engine: str, prompt) -> list[int]:
+    if isinstance(prompt, str):
+        return st.tokenizers[engine](prompt)["input_ids"]
     vocab = st.vocab[engine]
-    bad = [t for t in req.prompt if not 0 <= t < vocab]
+    bad = [t for t in prompt if not 0 <= t < vocab]
     if bad:
         raise BadRequest(
             f"prompt: token id {bad[0]} is outside the vocabulary [0, {vocab})",
             "prompt",
             "invalid_value",
         )
-    return list(req.prompt)
+    return list(prompt)
 
 
-def _gen_request(st: IngressState, target: Target, req, ids: list[int]) -> GenRequest:
+def _logit_bias(st: IngressState, engine: str, req) -> dict[int, float]:
+    vocab = st.vocab[engine]
+    bias = {int(k): v for k, v in (req.logit_bias or {}).items()}
+    bad = [t for t in bias if not 0 <= t < vocab]
+    if bad:
+        raise BadRequest(
+            f"logit_bias: token id {bad[0]} is outside the vocabulary [0, {vocab})",
+            "logit_bias",
+            "invalid_value",
+        )
+    return bias
+
+
+def _gen_request(st: IngressState, target: Target, req, ids, grammar, bias) -> GenRequest:
     ctx = st.context[target.engine]
     asked = req.asked_tokens()
     default = 16 if isinstance(req, oa.CompletionRequest) else st.limits["max_tokens_limit"]
@@ -115,34 +220,100 @@ def _gen_request(st: IngressState, target: Target, req, ids: list[int]) -> GenRe
             "messages" if isinstance(req, oa.ChatRequest) else "prompt",
             "context_length_exceeded",
         )
+    echo_lps = isinstance(req, oa.CompletionRequest) and req.echo and req.logprobs is not None
     return GenRequest(
-        ids, max_tokens, req.temperature, req.top_p, req.stops(), target.adapter, req.seed
+        ids,
+        max_tokens,
+        req.temperature,
+        req.top_p,
+        req.stops(),
+        target.adapter,
+        req.seed,
+        top_k=max(req.top_k, 0),
+        min_p=req.min_p,
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        repetition_penalty=req.repetition_penalty,
+        logit_bias=bias,
+        logprobs=req.logprob_count(),
+        prompt_logprobs=req.logprobs if echo_lps else None,
+        grammar=grammar,
     )
 
 
-async def _generate(st: IngressState, target: Target, gen: GenRequest, n: int) -> list:
+def nth_seed(seed: int | None, i: int) -> int | None:
+    """Choice i's seed: a request's `n` choices differ, and each is reproducible."""
+    if seed is None or i == 0:
+        return seed
+    low, high = SEED_RANGE
+    return (seed - low + i) % (high - low + 1) + low
+
+
+async def _generate(st: IngressState, target: Target, gens: list[GenRequest], n: int) -> list:
     handle = st.engines[target.engine]
+    asks = [replace(g, seed=nth_seed(g.seed, i)) for g in gens for i in range(n)]
     with engine_errors():
-        return list(await asyncio.gather(*[handle.generate.remote(gen) for _ in range(n)]))
+        return list(await asyncio.gather(*[handle.generate.remote(g) for g in asks]))
 
 
-async def _shadow(st: IngressState, target: Target, gen: GenRequest, rid: str, req) -> None:
-    gen = replace(gen, adapter=target.adapter)
+# ---------------------------------------------------------------------- engine -> answer
+
+
+def choice(plan: Plan, tok: bodies.Tokens, prompt: int, r: GenResult) -> bodies.Choice:
+    """The answer `r` to prompt number `prompt` in OpenAI's terms: tool calls parsed out,
+    log-probabilities in the API's shape, the echoed prompt in front (completions)."""
+    gen = plan.gens[prompt]
+    if plan.chat:
+        content, calls = tools.split_answer(r.text, plan.family, plan.tools, plan.req.tool_choice)
+        finish = tools.finish_reason(plan.req.tool_choice, bool(calls), r.finish_reason)
+        lps = bodies.chat_logprobs(tok, r.logprobs) if r.logprobs is not None else None
+        return bodies.Choice(content, finish, lps, calls)
+    text = r.text
+    lps = None
+    if plan.req.echo:
+        text = echoed(plan, tok, prompt) + r.text
+    if r.logprobs is not None:
+        answer = [lp.token for lp in r.logprobs]
+        if plan.req.echo:
+            lps = bodies.completion_logprobs(
+                tok, [*r.prompt_logprobs, *r.logprobs], [*gen.prompt_ids, *answer]
+            )
+        else:
+            lps = bodies.completion_logprobs(tok, r.logprobs, answer)
+    return bodies.Choice(text, r.finish_reason, lps)
+
+
+def cached(results: list[GenResult]) -> int | None:
+    """Prompt tokens served from the engine's prefix cache, when every answer says."""
+    known = [r.cached_tokens for r in results]
+    return None if not known or None in known else sum(known)
+
+
+def echoed(plan: Plan, tok: bodies.Tokens, prompt: int) -> str:
+    """The prompt as `echo` writes it back: as sent, or its token ids' text."""
+    text = plan.prompt_texts[prompt]
+    return text if text is not None else tok.tokenizer.decode(plan.gens[prompt].prompt_ids)
+
+
+# ---------------------------------------------------------------------- shadow and log
+
+
+async def _shadow(st: IngressState, target: Target, plan: Plan, rid: str) -> None:
+    gens = [replace(g, adapter=target.adapter) for g in plan.gens]
     started, status, results = time.perf_counter(), 200, []
     try:
-        results = await _generate(st, target, gen, 1)
+        results = await _generate(st, target, gens[:1], 1)
     except Exception:  # a failing shadow must never touch the answered request
         status = 500
     tokens = sum(r.completion_tokens for r in results)
-    _log(
-        st, f"{rid}-shadow", req, target, status, started, len(gen.prompt_ids), tokens, shadow=True
-    )
+    prompt = len(gens[0].prompt_ids)
+    log(st, f"{rid}-shadow", plan, target, status, started, prompt, tokens, shadow=True)
 
 
-def _log(
+def log(
     st: IngressState,
     rid: str,
-    req,
+    plan: Plan,
     target: Target,
     status: int,
     started: float,
@@ -150,18 +321,24 @@ def _log(
     completion: int = 0,
     shadow: bool = False,
     stream: bool = False,
+    cached: int | None = None,
 ) -> None:
+    """One line of the request log: who asked (user, tenant), which arm answered, and the
+    tokens it cost (cached: prompt tokens from the engine's prefix cache, where it says), so a
+    platform team can charge usage back."""
     latency = time.perf_counter() - started
     record = {
         "id": rid,
-        "model": req.model,
+        "model": plan.req.model,
         "experiment": target.experiment,
         "arm": target.arm,
-        "user": req.user,
+        "user": plan.req.user,
+        "tenant": plan.tenant,
         "status": status,
         "latency_s": round(latency, 4),
         "prompt_tokens": prompt,
         "completion_tokens": completion,
+        "cached_tokens": cached,
         "shadow": shadow,
         "stream": stream,
     }
@@ -171,39 +348,3 @@ def _log(
         if len(st.arm_of) > 100_000:  # bounded; older ids are found in the log file
             st.arm_of.pop(next(iter(st.arm_of)))
     st.metrics.observe(target.arm, status, latency, prompt, completion, shadow)
-
-
-async def _sse(st: IngressState, rid, req, target: Target, gen, chat: bool, pieces, first, started):
-    status, done = 500, None
-
-    def event(obj: dict) -> str:
-        return f"data: {json.dumps(obj)}\n\n"
-
-    def chunk(text: str | None, finish: str | None) -> str:
-        if chat:
-            delta = {} if text is None else {"content": text}
-            return event(oa.chat_chunk(rid, req.model, delta, finish))
-        return event(oa.completion_chunk(rid, req.model, text or "", finish))
-
-    try:
-        if chat:
-            yield event(oa.chat_chunk(rid, req.model, {"role": "assistant", "content": ""}, None))
-        piece = first
-        while piece is not None:
-            if isinstance(piece, GenResult):  # the engine's closing summary
-                done = piece
-            else:
-                yield chunk(piece, None)
-            piece = await anext(pieces, None)
-        yield chunk(None, done.finish_reason if done else "stop")
-        yield "data: [DONE]\n\n"
-        status = 200
-    except Exception as e:  # headers are sent already: report in-band, as OpenAI does
-        err = serve_error(e)
-        status = err.status if err else 500
-        yield event(
-            err.body() if err else {"error": {"message": str(e)[:500], "type": "server_error"}}
-        )
-    finally:
-        tokens = done.completion_tokens if done else 0
-        _log(st, rid, req, target, status, started, len(gen.prompt_ids), tokens, stream=True)
