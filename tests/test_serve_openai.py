@@ -7,6 +7,7 @@ and adapter; structured outputs that always validate; tool calls; usage, streame
 from __future__ import annotations
 
 import json
+import os
 
 import jsonschema
 import pytest
@@ -28,6 +29,7 @@ HI = [{"role": "user", "content": "hi there"}]
 def server(ray_local, tiny_model, tmp_path_factory):
     from rayft.serving import start, stop
 
+    os.environ["RAYFT_TEST_TEAM_KEY"] = TEAM_KEY
     run = tmp_path_factory.mktemp("openai_run")
     a1 = make_adapter(tiny_model, run / "a1", seed=1)
     cfg = JobConfig(
@@ -36,7 +38,7 @@ def server(ray_local, tiny_model, tmp_path_factory):
         serve={
             "port": free_port(),
             "api_key": KEY,
-            "tenant_keys": {"blue": TEAM_KEY},
+            "api_keys": {"blue": "env:RAYFT_TEST_TEAM_KEY"},  # read from the environment
             "adapters": {"a1": str(a1)},
             "max_tokens_limit": 64,
             "max_n": 4,
@@ -113,6 +115,17 @@ def teacher_forced(engine, ids: list[int], adapter=None) -> torch.Tensor:
             "/v1/chat/completions",
             {"messages": HI, "response_format": {"type": "json_schema"}},
             "response_format",
+        ),
+        (  # a schema the grammar library cannot enforce: named, not ignored
+            "/v1/chat/completions",
+            {
+                "messages": HI,
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"not": {"type": "string"}}},
+                },
+            },
+            "response_format.json_schema.schema",
         ),
         ("/v1/completions", {"prompt": "x", "suffix": "y"}, "suffix"),
         ("/v1/completions", {"prompt": "x", "best_of": 3}, "best_of"),
@@ -260,6 +273,42 @@ def test_completions_echo_scores_the_prompt_as_lm_eval_asks(server, engine):
     assert lps["text_offset"][0] == 0 and lps["text_offset"] == sorted(lps["text_offset"])
 
 
+def test_an_end_token_answer_keeps_its_logprob_and_nulls_mean_defaults(server, engine):
+    """lm-eval reads token_logprobs[ctxlen:-1]: the answer's token is the last entry even when
+    it is the end token (the text leaves it out; vLLM reports it the same way)."""
+    _, url, _ = server
+    prompt = [5, 17, 42, 99]
+    eos = engine.eos_ids[0]
+    body = {
+        "model": "base",
+        "prompt": [prompt],
+        "max_tokens": 1,
+        "temperature": 0,
+        "logprobs": 1,
+        "echo": True,
+        "logit_bias": {str(eos): 100},
+    }
+    r = post(url, "/v1/completions", body).json()
+    lps = r["choices"][0]["logprobs"]
+    assert len(lps["token_logprobs"]) == len(prompt) + 1
+    assert r["choices"][0]["finish_reason"] == "stop" and r["usage"]["completion_tokens"] == 1
+    assert r["choices"][0]["text"] == engine.tokenizer.decode(prompt)  # no end token in text
+    # Explicit nulls, as SDKs send them, are the defaults.
+    nulls = {
+        "model": "base",
+        "messages": HI,
+        "max_tokens": 3,
+        "temperature": None,
+        "top_p": None,
+        "n": None,
+        "stream": None,
+        "presence_penalty": None,
+        "logprobs": None,
+        "parallel_tool_calls": None,
+    }
+    assert post(url, "/v1/chat/completions", nulls).ok
+
+
 def test_streamed_logprobs_and_usage_equal_the_plain_answer(server):
     _, url, _ = server
     c = client(url)
@@ -347,6 +396,11 @@ def test_content_parts_and_tool_turns_are_accepted(server):
         model="base", messages=history, max_tokens=4, temperature=0, tools=[WEATHER]
     )
     assert r.choices[0].finish_reason in ("length", "stop", "tool_calls")
+    # The tool turn reached the prompt: without its result the prompt is shorter.
+    shorter = c.chat.completions.create(
+        model="base", messages=history[:2], max_tokens=4, temperature=0, tools=[WEATHER]
+    )
+    assert r.usage.prompt_tokens > shorter.usage.prompt_tokens
     image = [
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}
     ]

@@ -15,9 +15,9 @@ from transformers import AutoTokenizer
 from rayft import models
 from rayft.serving.errors import BadRequest
 from rayft.serving.prompts import chat_prompt, chat_prompt_ids, normalize
+from rayft.serving.tool_stream import ToolStream
 from rayft.serving.tools import (
     KNOWN_FAMILIES,
-    ToolStream,
     check_tools,
     family_of,
     forced_calls,
@@ -544,3 +544,39 @@ def test_stream_holds_back_only_what_may_become_a_call():
     ]
     held = ToolStream("llama3_json", TOOLS)
     assert held.feed("<|python") == [] and held.feed('_tag|>{"name": "get_time"') == []
+
+
+def test_parallel_tool_calls_false_makes_only_the_first_call_streamed_or_not():
+    text = (
+        '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+        '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>'
+    )
+    _, both = split_answer(text, "hermes", TOOLS, "auto")
+    content, one = split_answer(text, "hermes", TOOLS, "auto", parallel=False)
+    assert len(both) == 2 and [c["function"]["name"] for c in one] == ["get_weather"]
+    assert content is None
+    streamed = replay(ToolStream("hermes", TOOLS, "auto", parallel=False), [text[:50], text[50:]])
+    assert streamed == (None, [("get_weather", one[0]["function"]["arguments"])])
+
+
+def test_a_strict_function_s_invalid_call_stays_content_under_auto():
+    strict = check_tools([{**WEATHER, "function": {**WEATHER["function"], "strict": True}}])
+    good = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+    bad = '<tool_call>{"name": "get_weather", "arguments": {"town": "Paris"}}</tool_call>'
+    assert split_answer(good, "hermes", strict, "auto")[1]
+    assert split_answer(bad, "hermes", strict, "auto") == (bad, [])
+    assert split_answer(bad, "hermes", TOOLS, "auto")[1]  # not strict: the call is made
+
+
+@pytest.mark.parametrize(
+    "tool,param",
+    [
+        ({**WEATHER, "function": {**WEATHER["function"], "paramters": {}}}, "function.paramters"),
+        ({**WEATHER, "extra": 1}, "extra"),
+        ({**WEATHER, "function": {**WEATHER["function"], "strict": "yes"}}, "function.strict"),
+    ],
+)
+def test_unknown_tool_keys_are_refused_not_dropped(tool, param):
+    with pytest.raises(BadRequest) as e:
+        check_tools([tool])
+    assert e.value.param == f"tools.0.{param}"

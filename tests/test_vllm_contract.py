@@ -186,6 +186,7 @@ def api_requests(limit: int) -> list[GenRequest]:
         {"logprobs": 0, "echo": True},
         {**CHAT, "logprobs": True, "top_logprobs": 20, "response_format": {"type": "json_object"}},
         {**CHAT, "logprobs": True, "response_format": {"type": "text"}},
+        {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}], "seed": 1},
         {
             **CHAT,
             "response_format": {
@@ -220,6 +221,7 @@ def api_requests(limit: int) -> list[GenRequest]:
                 logprobs=req.logprob_count(),
                 prompt_logprobs=None if chat or not req.echo else req.logprobs,
                 grammar=rf.grammar() if rf else None,
+                skip_special_tokens=not (chat and req.tools),
             )
         )
     return out
@@ -257,6 +259,7 @@ def test_sampling_params_at_every_value_the_api_allows(tmp_path, tiny_model, tok
             assert params.repetition_penalty == r.repetition_penalty
             assert (params.logit_bias or {}) == r.logit_bias
             assert (params.logprobs, params.prompt_logprobs) == (r.logprobs, r.prompt_logprobs)
+            assert params.skip_special_tokens == r.skip_special_tokens
             grammar = params.structured_outputs
             if r.grammar is None:
                 assert grammar is None

@@ -46,10 +46,11 @@ class ServeConfig(Section):
     host: str = Field("127.0.0.1", description="Address the HTTP proxy binds.")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of the OpenAI-compatible API.")
     api_key: str | None = Field(None, description="Inference key (Bearer); env RAYFT_API_KEY wins.")
-    tenant_keys: dict[str, str] = Field(
+    api_keys: dict[str, str] = Field(
         default_factory=dict,
-        description="Tenant name -> its own inference key. The request log records the tenant "
-        "of each request with its token usage, for charge-back; `api_key` is tenant `default`.",
+        description="Tenant name -> its own inference key (`env:VAR` reads the environment). "
+        "The request log records each request's tenant and token usage, for charge-back; "
+        "`api_key` is the one-tenant shorthand (tenant `default`).",
     )
     admin_key: str | None = Field(
         None,

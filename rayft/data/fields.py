@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from rayft.messages import join_text_parts
+
 ROLES = ("system", "user", "assistant")
 # OpenAI chat rows may also call tools: assistant turns with `tool_calls`, `tool` turns with
 # the results. Other formats have no tool turns.
@@ -43,7 +45,7 @@ def text(obj: dict, key: str, field: str | None = None, required: bool = True) -
         # OpenAI content parts: [{"type": "text", "text": ...}]; only text parts make sense here.
         if any(p.get("type") != "text" or not isinstance(p.get("text"), str) for p in value):
             raise RowError("wrong_type", field, f"'{field}' has non-text content parts")
-        value = "".join(p["text"] for p in value)
+        value = join_text_parts([p["text"] for p in value])  # as the server joins them
     if not isinstance(value, str):
         raise RowError(
             "wrong_type", field, f"'{field}' must be a string, got {type(value).__name__}"

@@ -62,6 +62,9 @@ def _settings(cfg: JobConfig) -> Settings:
             registry.add_experiment(name, exp.arms, exp.shadow)
     except (ServeError, AdapterError) as e:
         raise ServeConfigError(f"{where}: {e.message}") from None
+    api_key = os.environ.get("RAYFT_API_KEY") or s.api_key
+    tenants = tenant_keys(s.api_keys)
+    _check_shorthand(api_key, tenants)
     return Settings(
         model_dirs=dirs,
         serve_dir=str(serve_dir),
@@ -70,10 +73,40 @@ def _settings(cfg: JobConfig) -> Settings:
         linears=linears,
         adapter_kinds=kinds,
         job=cfg,
-        api_key=os.environ.get("RAYFT_API_KEY") or s.api_key,
-        tenant_keys=dict(s.tenant_keys),
+        api_key=api_key,
+        tenant_keys=tenants,
         admin_key=os.environ.get("RAYFT_ADMIN_KEY") or s.admin_key,
     )
+
+
+def tenant_keys(keys: dict[str, str]) -> dict[str, str]:
+    """`serve.api_keys` with `env:VAR` values read from the environment."""
+    out = {}
+    for tenant, key in keys.items():
+        if key.startswith("env:"):
+            var = key.removeprefix("env:")
+            key = os.environ.get(var, "")
+            if not key:
+                raise ServeConfigError(
+                    f"serve.api_keys.{tenant}: environment variable {var} is not set; set it or "
+                    "write the key in the job file"
+                )
+        out[tenant] = key
+    if len(set(out.values())) < len(out):
+        raise ServeConfigError("serve.api_keys: two tenants share a key; give each its own")
+    return out
+
+
+def _check_shorthand(api_key: str | None, tenants: dict[str, str]) -> None:
+    """`serve.api_key` is tenant `default`: it may not be a tenant's key or name too."""
+    if api_key is None:
+        return
+    if "default" in tenants:
+        raise ServeConfigError(
+            "serve.api_keys names a tenant `default`, which serve.api_key already is; rename it"
+        )
+    if api_key in tenants.values():
+        raise ServeConfigError("serve.api_key is also a tenant's key in serve.api_keys")
 
 
 def build_app(cfg: JobConfig):

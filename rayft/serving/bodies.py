@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from openai.types import Completion, CompletionChoice, CompletionUsage, chat
 from openai.types.chat import chat_completion_chunk as chunk_types
 from openai.types.chat import chat_completion_token_logprob as lp_types
+from openai.types.completion_usage import PromptTokensDetails
 from pydantic import BaseModel
 
 from rayft.serving.protocol import TokenLogprob
@@ -38,7 +39,7 @@ def usage(prompt_tokens: int, completion_tokens: int, cached: int | None = None)
         total_tokens=prompt_tokens + completion_tokens,
     )
     if cached is not None:
-        used.prompt_tokens_details = {"cached_tokens": cached}
+        used.prompt_tokens_details = PromptTokensDetails(cached_tokens=cached)
     return used
 
 
@@ -160,7 +161,8 @@ def chat_chunk(
     choice = chunk_types.Choice(
         index=0, delta=chunk_types.ChoiceDelta(**delta), finish_reason=finish
     )
-    choice.logprobs = logprobs  # null when not asked, as OpenAI sends it
+    # null when not asked, as OpenAI sends it
+    choice.logprobs = None if logprobs is None else chunk_types.ChoiceLogprobs(**logprobs)
     body = chat.ChatCompletionChunk(
         id=rid,
         object="chat.completion.chunk",

@@ -221,8 +221,9 @@ class TransformersEngine:
             mask[i, width - len(r.prompt_ids) :] = 1
         return ids.to(self.device), mask.to(self.device)
 
-    def _decode(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+    def _decode(self, tokens: list[int], r: GenRequest | None = None) -> str:
+        skip = r is None or r.skip_special_tokens
+        return self.tokenizer.decode(tokens, skip_special_tokens=skip)
 
     def _rows(self, reqs: list[GenRequest]) -> list[Row]:
         rows = []
@@ -236,7 +237,7 @@ class TransformersEngine:
                         width = self.model.get_output_embeddings().weight.shape[0]
                         self._grammars = Grammars(self.tokenizer, self.eos_ids, width)
                     matcher = self._grammars.matcher(r.grammar)
-                rows.append(Row(r, self.eos_ids, matcher, self._decode))
+                rows.append(Row(r, self.eos_ids, matcher, lambda t, r=r: self._decode(t, r)))
             except Exception as e:  # this request fails alone: a row that decodes nothing
                 row = Row(GenRequest(r.prompt_ids, 1, 0.0), self.eos_ids)
                 row.error, row.finished, row.req = e, True, r
@@ -303,29 +304,24 @@ class TransformersEngine:
         logprobs: list[TokenLogprob] | None = None,
         prompt_lps: list | None = None,
     ) -> GenResult:
-        tokens, ended = self._until_eos(tokens[: r.max_tokens])
+        """A finished row's answer. Every generated token counts and keeps its log-probability
+        (vLLM's rule: the end token and a stop string's tokens too); the text stops before the
+        end token and the stop string."""
+        body, ended = self._until_eos(tokens[: r.max_tokens])
+        generated = len(body) + ended
         finish = "stop" if ended else "length"
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        kept = len(tokens)
+        text = self._decode(body, r)
         cut = cut_at_stop(text, r.stop)
         if cut is not None:
             text, finish = cut, "stop"
-            kept = self._tokens_of(tokens, len(cut))
         return GenResult(
             text,
             len(r.prompt_ids),
-            len(tokens),
+            generated,
             finish,
-            logprobs=None if r.logprobs is None else list((logprobs or [])[:kept]),
+            logprobs=None if r.logprobs is None else list((logprobs or [])[:generated]),
             prompt_logprobs=prompt_lps,
         )
-
-    def _tokens_of(self, tokens: list[int], chars: int) -> int:
-        """How many of `tokens` it takes to write the first `chars` characters of their text."""
-        for m in range(len(tokens) + 1):
-            if len(self.tokenizer.decode(tokens[:m], skip_special_tokens=True)) >= chars:
-                return m
-        return len(tokens)
 
     def stream_batch(
         self, requests: list[GenRequest]

@@ -81,7 +81,7 @@ def stream_batch(
                 shown[i] = max(shown[i], len(text))
                 # Log-probabilities go out with their token's text, never ahead of it.
                 k = lp_sent[i]
-                while k < len(lps[i]) and _shown(engine, tokens[i], k + 1, shown[i]):
+                while k < len(lps[i]) and _shown(engine, tokens[i], k + 1, shown[i], r):
                     k += 1
                 out.append(Delta(piece, lps[i][lp_sent[i] : k]))
                 lp_sent[i] = k
@@ -93,22 +93,24 @@ def stream_batch(
         yield [None if sent[i] else final[i] for i in range(n)]
 
 
-def _shown(engine, tokens: list[int], m: int, shown: int) -> bool:
+def _shown(engine, tokens: list[int], m: int, shown: int, r: GenRequest) -> bool:
     """Whether the text of the first `m` tokens has been shown (`shown` characters)."""
     if tokens[m - 1] in engine.eos_ids:
         return False
-    return len(engine.tokenizer.decode(tokens[:m], skip_special_tokens=True)) <= shown
+    return len(engine._decode(tokens[:m], r)) <= shown
 
 
 def partial(engine, r: GenRequest, tokens: list[int]) -> str:
-    """The text of an unfinished answer that is safe to show: complete words only, and
-    nothing that could still become the start of a stop string."""
+    """The text of an unfinished answer that is safe to show: without a trailing run of
+    whitespace (a tokenizer's clean-up may still join it to what comes next, " ." -> ".") or
+    of incomplete UTF-8 ("\ufffd"), and without anything that could still become the start of
+    a stop string."""
     tokens, _ = engine._until_eos(tokens)
-    text = engine.tokenizer.decode(tokens[: r.max_tokens], skip_special_tokens=True)
+    text = engine._decode(tokens[: r.max_tokens], r)
     cut = cut_at_stop(text, r.stop)
     if cut is not None:
         return cut
-    end = text.rfind(" ") + 1 if not text.endswith("\n") else len(text)
+    end = len(text.rstrip().rstrip("\ufffd"))
     hold = max((len(s) for s in r.stop), default=1) - 1
     return text[: max(0, min(end, len(text) - hold))]
 

@@ -84,14 +84,14 @@ class _Req(BaseModel):
             for name, why in UNSUPPORTED.items():
                 if body.get(name) is not None:
                     raise BadRequest(f"{name}: {why}", name, "unsupported_parameter")
+            # OpenAI's spec allows null for its optional fields, and SDKs send it: null is
+            # the default (as vLLM takes it).
+            body = {k: v for k, v in body.items() if v is not None or k not in cls.model_fields}
         return body
 
     @field_validator("n")
     @classmethod
     def _n(cls, n: int, info: ValidationInfo) -> int:
-        limit = (info.context or {}).get("max_n")
-        if limit is not None and n > limit:
-            raise ValueError(f"n={n} is above this server's limit of {limit}")
         if n != 1 and info.data.get("stream"):
             raise ValueError("stream=true supports n=1 only")
         return n
@@ -128,6 +128,20 @@ class _Req(BaseModel):
     @classmethod
     def _max_tokens(cls, asked: int | None, info: ValidationInfo) -> int | None:
         return _within_limit(asked, info, "max_tokens")
+
+    @model_validator(mode="after")
+    def _choices(self, info: ValidationInfo):
+        """serve.max_n bounds the choices of the whole request: prompts x n."""
+        limit = (info.context or {}).get("max_n")
+        prompts = len(self.prompts()) if isinstance(self, CompletionRequest) else 1
+        if limit is not None and prompts * self.n > limit:
+            asked = f"n={self.n}" if prompts == 1 else f"{prompts} prompts x n={self.n}"
+            raise BadRequest(
+                f"n: {asked} is above this server's limit of {limit} choices",
+                "n",
+                "invalid_value",
+            )
+        return self
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

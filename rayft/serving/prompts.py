@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from jinja2 import TemplateError
 
+from rayft.messages import join_text_parts
 from rayft.serving.errors import BadRequest
 from rayft.serving.tools import family_of, refuse
 
@@ -95,7 +96,7 @@ def _text(content, role: str, where: str) -> str:
         if not isinstance(part.get(key), str):
             raise refuse(f"{where}.{j}.{key}", "must be a string")
         texts.append(part[key])
-    return "\n".join(texts)
+    return join_text_parts(texts)
 
 
 def _tool_calls(calls, where: str) -> list[dict]:
@@ -159,6 +160,13 @@ def chat_prompt(tokenizer, messages: list[dict], tools: list[dict] | None = None
     if text is None:
         text, rendering = _render(tokenizer, hermes_messages(messages, tools)), "hermes"
     family = "hermes" if rendering == "hermes" else family_of(tokenizer)
+    for i, m in enumerate(messages):  # training reports this as a row error: the same rule
+        if m["role"] != "tool" and m.get("name") and m["name"] not in text:
+            raise refuse(
+                f"messages.{i}.name",
+                "this model's chat template does not render a message's name: remove it, or "
+                "write the name into the content",
+            )
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return ChatPrompt(ids, text, rendering, family)
 

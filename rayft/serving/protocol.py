@@ -49,6 +49,9 @@ class GenRequest:
     # {"type": "json_schema", "schema": {...}}. The answer is a complete match, or finishes
     # with "length".
     grammar: dict | None = None
+    # False when tools are offered: a family's call markers may be special tokens (Qwen's
+    # <tool_call>), and the parser must see them, as vLLM's tool parsers do.
+    skip_special_tokens: bool = True
 
 
 @dataclass
@@ -64,7 +67,9 @@ class GenResult:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" | "length"
-    logprobs: list[TokenLogprob] | None = None  # one per completion token, when asked
+    # One per generated token, when asked, as vLLM reports them: the end token and the tokens
+    # of a stop string included (the text leaves them out); completion_tokens counts them too.
+    logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt token; first None
     cached_tokens: int | None = None  # prompt tokens served from a prefix cache, where known
 

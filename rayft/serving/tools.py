@@ -29,6 +29,8 @@ OPEN, CLOSE = "<tool_call>", "</tool_call>"
 PYTHON_TAG = "<|python_tag|>"
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
 NO_PARAMETERS = {"type": "object", "properties": {}}
+TOOL_KEYS = {"type", "function"}
+FUNCTION_KEYS = {"name", "description", "parameters", "strict"}
 SEPARATOR = re.compile(r"\s*(;\s*)?")  # between llama3_json calls
 
 
@@ -69,6 +71,15 @@ def check_tools(tools, tool_choice=None) -> list[dict] | None:
         fn = tool.get("function")
         if not isinstance(fn, dict):
             raise refuse(f"{where}.function", "must be an object")
+        for key, known in ((where, TOOL_KEYS), (f"{where}.function", FUNCTION_KEYS)):
+            extra = sorted(set(tool if key == where else fn) - known)
+            if extra:  # a misspelt `paramters` would offer a function without parameters
+                raise refuse(
+                    f"{key}.{extra[0]}", f"unknown key (known: {', '.join(sorted(known))})"
+                )
+        strict = fn.get("strict")
+        if strict is not None and not isinstance(strict, bool):
+            raise refuse(f"{where}.function.strict", "must be true or false")
         name = fn.get("name")
         if not isinstance(name, str) or not NAME.match(name):
             raise refuse(f"{where}.function.name", "must be 1-64 letters, digits, '_' or '-'")
@@ -87,6 +98,7 @@ def check_tools(tools, tool_choice=None) -> list[dict] | None:
         if desc is not None and not isinstance(desc, str):
             raise refuse(f"{where}.function.description", "must be a string")
         described = {"description": desc} if desc is not None else {}
+        described |= {"strict": True} if strict else {}
         out.append(
             {"type": "function", "function": {"name": name, **described, "parameters": params}}
         )
@@ -115,12 +127,24 @@ def _named(tool_choice) -> str | None:
     return tool_choice["function"]["name"] if isinstance(tool_choice, dict) else None
 
 
-def _names(tools: list[dict] | None) -> set[str]:
-    return {t["function"]["name"] for t in tools or []}
+def _names(tools: list[dict] | None) -> dict[str, dict | None]:
+    """Offered name -> its parameters schema when the function is `strict` (its calls must
+    validate), else None."""
+    return {
+        t["function"]["name"]: t["function"]["parameters"] if t["function"].get("strict") else None
+        for t in tools or []
+    }
 
 
-def _offered(name, names: set[str]) -> bool:
+def _offered(name, names: dict) -> bool:
     return isinstance(name, str) and name in names  # a list or object as a name is no name
+
+
+def _fits(name: str, args: dict, names: dict) -> bool:
+    """A strict function's call counts only when its arguments validate (under "auto" nothing
+    constrains them; an invalid one stays content)."""
+    schema = names.get(name)
+    return schema is None or Draft202012Validator(schema).is_valid(args)
 
 
 def new_call(name: str, arguments: dict) -> dict:
@@ -179,7 +203,8 @@ def _hermes_call(obj, names: set[str]) -> dict | None:
             args = json.loads(args)
         except (ValueError, RecursionError):
             return None
-    return new_call(obj["name"], args) if isinstance(args, dict) else None
+    ok = isinstance(args, dict) and _fits(obj["name"], args, names)
+    return new_call(obj["name"], args) if ok else None
 
 
 def _llama3_calls(text: str, names: set[str]) -> list[dict]:
@@ -194,7 +219,7 @@ def _llama3_calls(text: str, names: set[str]) -> list[dict]:
         if not isinstance(obj, dict) or not _offered(obj.get("name"), names):
             return []
         args = obj.get("parameters", obj.get("arguments"))
-        if not isinstance(args, dict):
+        if not isinstance(args, dict) or not _fits(obj["name"], args, names):
             return []
         calls.append(new_call(obj["name"], args))
         sep = SEPARATOR.match(rest, pos)
@@ -267,132 +292,15 @@ def finish_reason(tool_choice, called: bool, engine_reason: str) -> str:
 
 
 def split_answer(
-    text: str, family: str, tools: list[dict] | None, tool_choice=None
+    text: str, family: str, tools: list[dict] | None, tool_choice=None, parallel: bool = True
 ) -> tuple[str | None, list[dict]]:
     """(content, tool_calls) of a whole answer to a request: forced calls read as
-    `forced_calls`, "auto" as `parse_tool_calls`, no tools or "none" as plain content."""
+    `forced_calls`, "auto" as `parse_tool_calls`, no tools or "none" as plain content. Without
+    `parallel` (parallel_tool_calls: false) only the first call is made."""
     if not tools or tool_choice == "none":
         return text, []
     if tool_choice == "required" or isinstance(tool_choice, dict):
         calls = forced_calls(text, tools, tool_choice)
         return (None, calls) if calls else (text, [])
-    return parse_tool_calls(text, family, tools)
-
-
-# --------------------------------------------------------------------------- streaming
-
-
-class ToolStream:
-    """Reads tool calls out of an answer as it streams: `feed` each piece of text, `close` at
-    the end; both return the deltas to send, as the `delta` of OpenAI's chat chunks
-    (`{"content": ...}` or `{"tool_calls": [...]}`). Joined, they are `split_answer` of the
-    whole text (ids aside), however the text was cut into pieces.
-
-    Text that may still become a call is held back: a tail that could be the start of
-    `<tool_call>` (hermes), the whole answer once it starts with `{` or `<|python_tag|>`
-    (llama3_json, whose calls are all or nothing), everything under a forced `tool_choice`.
-    A call's arguments come in one delta, once its block is complete: a block is only a call
-    once its JSON parses, and a call already streamed cannot be taken back. `calls` lists the
-    calls sent so far (for finish_reason "tool_calls").
-    """
-
-    def __init__(self, family: str, tools: list[dict] | None, tool_choice=None) -> None:
-        if not tools or tool_choice == "none":
-            self.mode = "plain"
-        elif tool_choice == "required" or isinstance(tool_choice, dict):
-            self.mode = "forced"
-        elif family in KNOWN_FAMILIES:
-            self.mode = family
-        else:
-            raise ValueError(f"unknown tool call family {family!r}")
-        self.tools, self.tool_choice, self.names = tools, tool_choice, _names(tools)
-        self.calls: list[dict] = []
-        self._buf = ""
-        self._in_call = False  # hermes: inside a <tool_call> block
-        self._llama_calls: bool | None = None  # llama3_json: None until the answer's start says
-        self._started = False  # some content was sent
-        self._space = ""  # trailing whitespace held back: parsed content is stripped
-
-    def feed(self, piece: str) -> list[dict]:
-        out: list[dict] = []
-        if self.mode == "plain":
-            if piece:
-                out.append({"content": piece})
-            return out
-        self._buf += piece
-        if self.mode == "hermes":
-            self._hermes(out)
-        elif self.mode == "llama3_json" and self._llama_calls is not True:
-            head = self._buf.lstrip()
-            if self._llama_calls is None and head.startswith(("{", PYTHON_TAG)):
-                self._llama_calls = True
-            elif self._llama_calls is None and head and not PYTHON_TAG.startswith(head):
-                self._llama_calls = False
-            if self._llama_calls is False:
-                self._content(self._buf, out)
-                self._buf = ""
-        return out
-
-    def close(self) -> list[dict]:
-        out: list[dict] = []
-        text, self._buf = self._buf, ""
-        if self.mode == "hermes":
-            if self._in_call:
-                self._block(text, OPEN + text, out)
-            else:
-                self._content(text, out)
-        elif self.mode in ("llama3_json", "forced"):
-            content, calls = split_answer(text, self.mode, self.tools, self.tool_choice)
-            for call in calls:
-                self._call(call, out)
-            if content:
-                self._content(content, out)
-        return out
-
-    def _hermes(self, out: list[dict]) -> None:
-        while True:
-            if not self._in_call:
-                start = self._buf.find(OPEN)
-                if start < 0:
-                    keep = next(
-                        (k for k in range(len(OPEN) - 1, 0, -1) if self._buf.endswith(OPEN[:k])), 0
-                    )
-                    self._content(self._buf[: len(self._buf) - keep], out)
-                    self._buf = self._buf[len(self._buf) - keep :]
-                    return
-                self._content(self._buf[:start], out)
-                self._buf, self._in_call = self._buf[start + len(OPEN) :], True
-            end = self._buf.find(CLOSE)
-            if end < 0:
-                return
-            body, self._buf, self._in_call = self._buf[:end], self._buf[end + len(CLOSE) :], False
-            self._block(body, OPEN + body + CLOSE, out)
-
-    def _block(self, body: str, written: str, out: list[dict]) -> None:
-        calls = _hermes_calls(body, self.names)
-        for call in calls:
-            self._call(call, out)
-        if not calls:
-            self._content(written, out)
-
-    def _content(self, text: str, out: list[dict]) -> None:
-        if self.mode == "forced":  # a forced answer that is not a call: as written
-            out.append({"content": text})
-            return
-        if not self._started:
-            text = text.lstrip()
-        text = self._space + text
-        body = text.rstrip()
-        self._space = text[len(body) :]
-        if body:
-            out.append({"content": body})
-            self._started = True
-
-    def _call(self, call: dict, out: list[dict]) -> None:
-        i, fn = len(self.calls), call["function"]
-        self.calls.append(call)
-        head = {"name": fn["name"], "arguments": ""}
-        out.append(
-            {"tool_calls": [{"index": i, "id": call["id"], "type": "function", "function": head}]}
-        )
-        out.append({"tool_calls": [{"index": i, "function": {"arguments": fn["arguments"]}}]})
+    content, calls = parse_tool_calls(text, family, tools)
+    return content, calls if parallel else calls[:1]

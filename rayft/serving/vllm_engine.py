@@ -126,6 +126,7 @@ def sampling_args(r: GenRequest, stream: bool) -> dict:
         "logit_bias": r.logit_bias,
         "logprobs": r.logprobs,
         "prompt_logprobs": r.prompt_logprobs,
+        "skip_special_tokens": r.skip_special_tokens,  # False with tools: markers may be special
         "structured_outputs": None
         if r.grammar is None
         else StructuredOutputsParams(**grammar_args(r.grammar)),

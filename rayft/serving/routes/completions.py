@@ -63,7 +63,7 @@ async def complete(st: IngressState, request: Request, chat: bool) -> Response:
     if shadow is not None:  # the request is valid: the shadow arm answers it too
         st.spawn(_shadow(st, shadow, plan, rid))
     started = time.perf_counter()
-    prompt_tokens = sum(len(g.prompt_ids) for g in plan.gens) * req.n
+    prompt_tokens = sum(len(g.prompt_ids) for g in plan.gens)  # once per prompt, as OpenAI counts
     if req.stream:
         pieces = st.engines[target.engine].options(stream=True).stream.remote(plan.gens[0])
         try:  # wait for the first piece: errors before it get a real status, not an event
@@ -161,14 +161,6 @@ def _plan(st: IngressState, target: Target, req, chat: bool) -> Plan:
                 "echo",
                 "invalid_value",
             )
-    n_choices = len(prompts) * req.n
-    if n_choices > st.limits["max_n"]:
-        raise BadRequest(
-            f"{len(prompts)} prompts x n={req.n} is {n_choices} choices, above this server's "
-            f"limit of {st.limits['max_n']}",
-            "n",
-            "invalid_value",
-        )
     if grammar is not None:
         try:
             check(grammar)
@@ -177,6 +169,8 @@ def _plan(st: IngressState, target: Target, req, chat: bool) -> Plan:
             raise BadRequest(f"{param}: {e}", param, "invalid_schema") from None
     bias = _logit_bias(st, target.engine, req)
     plan.gens = [_gen_request(st, target, req, ids, grammar, bias) for ids in prompts]
+    if plan.tools:  # a family's call markers may be special tokens: the parser must see them
+        plan.gens = [replace(g, skip_special_tokens=False) for g in plan.gens]
     return plan
 
 
@@ -264,7 +258,9 @@ def choice(plan: Plan, tok: bodies.Tokens, prompt: int, r: GenResult) -> bodies.
     log-probabilities in the API's shape, the echoed prompt in front (completions)."""
     gen = plan.gens[prompt]
     if plan.chat:
-        content, calls = tools.split_answer(r.text, plan.family, plan.tools, plan.req.tool_choice)
+        content, calls = tools.split_answer(
+            r.text, plan.family, plan.tools, plan.req.tool_choice, plan.req.parallel_tool_calls
+        )
         finish = tools.finish_reason(plan.req.tool_choice, bool(calls), r.finish_reason)
         lps = bodies.chat_logprobs(tok, r.logprobs) if r.logprobs is not None else None
         return bodies.Choice(content, finish, lps, calls)
@@ -301,12 +297,12 @@ def echoed(plan: Plan, tok: bodies.Tokens, prompt: int) -> str:
 async def _shadow(st: IngressState, target: Target, plan: Plan, rid: str) -> None:
     gens = [replace(g, adapter=target.adapter) for g in plan.gens]
     started, status, results = time.perf_counter(), 200, []
-    try:
-        results = await _generate(st, target, gens[:1], 1)
+    try:  # the whole request: every prompt, n choices each
+        results = await _generate(st, target, gens, plan.req.n)
     except Exception:  # a failing shadow must never touch the answered request
         status = 500
     tokens = sum(r.completion_tokens for r in results)
-    prompt = len(gens[0].prompt_ids)
+    prompt = sum(len(g.prompt_ids) for g in gens)
     log(st, f"{rid}-shadow", plan, target, status, started, prompt, tokens, shadow=True)
 
 

@@ -9,6 +9,7 @@ import json
 from rayft.serving import bodies, tools
 from rayft.serving.errors import serve_error
 from rayft.serving.protocol import Delta, GenResult
+from rayft.serving.tool_stream import ToolStream
 
 
 def _event(obj: dict) -> str:
@@ -23,7 +24,11 @@ async def events(st, rid: str, plan, target, pieces, first, echo: str, done_cb):
     with_usage = req.include_usage()
     status, done = 500, None
     # Tool calls are read out of the text as it streams (held back while it may be a call).
-    calls = tools.ToolStream(plan.family, plan.tools, req.tool_choice) if plan.tools else None
+    calls = None
+    if plan.tools:
+        calls = ToolStream(plan.family, plan.tools, req.tool_choice, req.parallel_tool_calls)
+
+    offset = [len(echo)]  # the next token's text_offset (completions)
 
     def chunk(delta: dict | None, finish: str | None = None, lps=None) -> str:
         if chat:
@@ -31,8 +36,10 @@ async def events(st, rid: str, plan, target, pieces, first, echo: str, done_cb):
             body = bodies.chat_chunk(rid, req.model, delta or {}, finish, logprobs, with_usage)
         else:
             logprobs = None
-            if lps is not None:
-                logprobs = bodies.completion_logprobs(tok, lps, [lp.token for lp in lps])
+            if lps is not None:  # text_offset runs on over the whole answer, as vLLM's does
+                logprobs = bodies.completion_logprobs(tok, lps, [lp.token for lp in lps], offset[0])
+                if lps:
+                    offset[0] = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
             text = (delta or {}).get("content", "")
             body = bodies.completion_chunk(rid, req.model, text, finish, logprobs, with_usage)
         return _event(body)
