@@ -25,7 +25,7 @@ LONG = (
     "I have tried to use it twice and it leaks all over the counter every single time so "
     "I would like a replacement sent to my home address as soon as possible please"
 )
-NEAR = LONG.replace("blender from", "blender of")  # Jaccard 0.857 of 5-word shingles
+NEAR = LONG.replace("My blender", "Our blender")  # filler only: Jaccard 0.93 with the answer
 
 
 def _chat(user: str, answer: str) -> dict:

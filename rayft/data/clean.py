@@ -1,10 +1,13 @@
 """Cleaning: Unicode/whitespace normalisation and PII scrubbing with typed placeholders.
 
-PII patterns are deliberately narrow and every number-shaped match is checked (Luhn for
-cards with a card network's prefix, mod-97 for IBANs, separators for phones, the address
-parser for IPv6) so order numbers, dates and versions survive:
-a scrubber that eats the facts of a support ticket ruins the training data more than a rare
-missed phone number does.
+PII patterns are deliberately narrow and every number-shaped match is checked (Luhn, a card
+network's prefix and the grouping for cards, the country's length and mod-97 for IBANs,
+separators for phones, the address parser for IPv6) so order numbers, dates and versions
+survive: a scrubber that eats the facts of a support ticket ruins the training data more than
+a rare missed phone number does. Separators, though, are taken as people and exports write
+them: PII is matched on a folded view of the text (full-width digits and letters as ASCII,
+tabs and no-break spaces as spaces), groups may be apart by runs of spaces, dots or dashes,
+and letters in any case. tests/test_pii_adversarial.py holds both sides to that.
 """
 
 from __future__ import annotations
@@ -29,23 +32,36 @@ _INVISIBLE = re.compile(r"[\u200b\u2060\ufeff\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f
 _TRAILING = re.compile(r"[^\S\n]+$", re.MULTILINE)  # whitespace but newline, at a line's end
 _BLANK_LINES = re.compile(r"\n{4,}")  # three or more blank lines
 
-_EMAIL = re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
-_IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b")
-# 13-19 digits, optionally grouped by single spaces or dashes; the issuer prefix and Luhn decide.
-_CARD = re.compile(r"(?<![\w-])\d(?:[ -]?\d){12,18}(?![\w-])")
-# Phones need a leading + or separators between groups: a bare run of digits is an id, not a phone.
-# International numbers: + country code, optional (area), then groups; the last may be a long
-# subscriber number (+49 30 1234567). National ones: the North American 3-3-4 shape, with
-# dots, dashes or single spaces (the same separator throughout), not inside a longer run of
-# digit groups (order 123 4567 890, 100 200 3000 4000), so dates (2024 01 15), versions and
-# amounts, which have other shapes, stay.
+# The patterns read the folded view (`_fold`): full-width forms are ASCII there, and tabs and
+# the no-break, narrow, thin and ideographic spaces are plain spaces, so one pattern holds for
+# text that was retyped, exported or pasted from a PDF. A group separator is a run of up to
+# four spaces or one dot or dash, spaced or not ("+90  532  338  84  33", "4111.1111...").
+_SEP = r"(?:[ ]{1,4}|[ ]?[.-][ ]?)"
+# Spaces around "@" and the domain's dots (JOHN.DOE @ EXAMPLE . COM) on both sides or neither;
+# `_email` asks more of a spaced address's top-level domain.
+_DOT = r"(?:\.|[ ]{1,2}\.[ ]{1,2})"
+_EMAIL = re.compile(
+    rf"\b[A-Za-z0-9._%+-]+(?:@|[ ]{{1,2}}@[ ]{{1,2}})[A-Za-z0-9-]+(?:{_DOT}[A-Za-z0-9-]+)*"
+    rf"{_DOT}[A-Za-z]{{2,}}\b"
+)
+_COMMON_TLDS = {"com", "org", "net", "edu", "gov", "mil", "int", "info", "biz", "io", "app"}
+# Any case; the country's IBAN length and mod-97 decide (`_iban`), so the pattern takes the
+# longest run of letters and digits that separators allow.
+_IBAN = re.compile(rf"(?<!\w)[A-Za-z]{{2}}\d{{2}}(?:{_SEP}?[A-Za-z0-9]){{11,30}}")
+# 13-19 digits, optionally grouped; the issuer prefix, Luhn and the grouping decide (`_card`).
+_CARD = re.compile(rf"(?<![\w.-])\d(?:{_SEP}?\d){{12,22}}(?!\w)")
+# Phones need a leading + or separators between groups: a bare run of digits is an id, not a
+# phone. International numbers: +, then 7-15 digits in groups, an (area code) or (0) among them
+# (+49 (0)30 1234567). National ones: the North American 3-3-4 shape (an optional leading 1), one
+# kind of separator throughout, not inside a longer run of digit groups (order 123 4567 890,
+# 100 200 3000 4000), so dates (2024 01 15), versions and amounts, which have other shapes, stay.
 _PHONE = re.compile(
-    r"(?<![\w+-])(?:\+\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}(?:[ .-]\d{2,4}){0,3}[ .-]\d{2,8}"
-    r"|\(\d{3}\) ?\d{3}[ .-]\d{4}"
-    r"|(?<!\d[ .-])\d{3}([ .-])\d{3}\1\d{4}(?![ .-]\d))(?![\w-])"
+    rf"(?<![\w+-])(?:\+[ ]?\d(?:{_SEP}?(?:\(\d{{1,4}}\)|\d)){{5,20}}"
+    rf"|(?:1{_SEP})?(?:\(\d{{3}}\)[ ]{{0,4}}|\d{{3}}{_SEP})\d{{3}}{_SEP}\d{{4}})(?!\w)"
 )
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
-_IP = re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?![\w.])")
+# Not inside a longer dotted run (10.2.3.4567, 1.2.3.4.5); a sentence's full stop may follow.
+_IP = re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?!\w|\.\w)")
 # A run of hex digits, colons and dots with at least two colons and one decimal digit, not
 # inside a word (C++/Rust paths like std::io never start one) or a longer run; the possessive
 # match takes the whole run and `ipaddress` decides. Times (12:30:45) and MAC addresses
@@ -53,6 +69,19 @@ _IP = re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?![\w.])")
 _IPV6 = re.compile(
     r"(?<![\w:.])(?=[\da-fA-F.]*:[\da-fA-F.]*:)(?=[\da-fA-F:.]*\d)[\da-fA-F:.]++(?!\w)"
 )
+# IBAN length by country (SWIFT's IBAN registry).
+_IBAN_LENGTHS = {
+    country: int(length)
+    for country, length in re.findall(
+        r"([A-Z]{2})(\d\d)",
+        "AD24 AE23 AL28 AT20 AZ28 BA20 BE16 BG22 BH22 BI27 BR29 BY28 CH21 CR22 CY28 CZ24 DE22 "
+        "DJ27 DK18 DO28 EE20 EG29 ES24 FI18 FK18 FO18 FR27 GB22 GE22 GI23 GL18 GR27 GT28 HR21 "
+        "HU28 IE22 IL23 IQ23 IS26 IT27 JO30 KW30 KZ20 LB28 LC32 LI21 LT20 LU20 LV21 LY25 MC27 "
+        "MD24 ME22 MK19 MN20 MR27 MT31 MU30 NI28 NL18 NO15 OM23 PK24 PL28 PS29 PT25 QA29 RO24 "
+        "RS22 RU33 SA24 SC31 SD18 SE24 SI19 SK24 SM27 SO23 ST25 SV28 TL23 TN24 TR26 UA29 VA22 "
+        "VG24 XK20 YE30",
+    )
+}
 # Issuer identification number ranges of the card networks (ISO/IEC 7812): Visa; Mastercard;
 # Amex; Discover; JCB; Diners Club; UnionPay. A Luhn-valid reference number (one in ten is)
 # that starts like no card is not a card.
@@ -94,7 +123,7 @@ def luhn_ok(digits: str) -> bool:
 
 
 def iban_ok(candidate: str) -> bool:
-    s = candidate.replace(" ", "")
+    s = candidate.replace(" ", "").upper()
     if not 15 <= len(s) <= 34:
         return False
     moved = s[4:] + s[:4]
@@ -106,17 +135,102 @@ def card_prefix_ok(digits: str) -> bool:
     return any(lo <= digits[: len(lo)] <= hi for lo, hi in _CARD_PREFIXES)
 
 
-def _card(m: re.Match) -> str | None:
-    digits = re.sub(r"[ -]", "", m.group())
-    ok = 13 <= len(digits) <= 19 and card_prefix_ok(digits) and luhn_ok(digits)
-    return PLACEHOLDERS["credit_card"] if ok else None
+# Folded for matching only, one character for one, so a match's place in the view is its place
+# in the text: full-width forms and decimal digits of every script to ASCII, spaces to " ",
+# dashes to "-".
+_FOLD = {cp: cp - 0xFEE0 for cp in range(0xFF01, 0xFF5F)}
+_FOLD.update(dict.fromkeys(map(ord, "\t\u00a0\u1680\u202f\u205f\u3000"), " "))
+_FOLD.update(dict.fromkeys(range(0x2000, 0x200B), " "))
+_FOLD.update(dict.fromkeys(map(ord, "\u2010\u2011\u2012\u2013\u2014\u2212\ufe63"), "-"))
+_FOLD.update(
+    {cp: str(unicodedata.decimal(chr(cp))) for cp in range(0x80, 0x10000) if chr(cp).isdecimal()}
+)
+_FOLDABLE = re.compile("[" + "".join(re.escape(chr(cp)) for cp in sorted(_FOLD)) + "]")
+_DIGIT = re.compile(r"\d")
+_NOT_DIGIT = re.compile(r"\D")
+_GAP = re.compile(r"[ .-]+")
+_GAP_BEFORE = re.compile(rf"\d({_SEP})\Z")
+_GAP_AFTER = re.compile(rf"({_SEP})\d")
 
 
-def _iban(m: re.Match) -> str | None:
-    return PLACEHOLDERS["iban"] if iban_ok(m.group()) else None
+def _fold(text: str) -> str:
+    if (text.isascii() and "\t" not in text) or not _FOLDABLE.search(text):
+        return text
+    return text.translate(_FOLD)
 
 
-def _ipv6(m: re.Match) -> str | None:
+# Each check takes a match in the view and returns where the PII in it ends, or None.
+
+
+def _email(m: re.Match) -> int | None:
+    run = m.group()
+    # Spaced out, an address needs a country's or a common top-level domain: "@ team.lead"
+    # is a mention, not an address.
+    tld = run.rpartition(".")[2].strip().lower()
+    if " " in run and len(tld) != 2 and tld not in _COMMON_TLDS:
+        return None
+    return m.end()
+
+
+def _iban(m: re.Match) -> int | None:
+    run, length = m.group(), _IBAN_LENGTHS.get(m.group()[:2].upper())
+    places = [i for i, c in enumerate(run) if c.isalnum()]
+    if length is None or len(places) < length:
+        return None
+    end = places[length - 1] + 1  # the country's length, not the run's
+    if end < len(run) and run[end].isalnum():  # it goes on: a word, not an IBAN
+        return None
+    return m.start() + end if iban_ok("".join(run[i] for i in places[:length])) else None
+
+
+def _group_ends(run: str) -> list[int]:
+    """Where `run` ends and where each of its groups but the last does, longest first."""
+    return [len(run), *reversed([g.start() for g in _GAP.finditer(run)])]
+
+
+def _card(m: re.Match) -> int | None:
+    run = m.group()
+    gaps = [g.strip() for g in _GAP.findall(run)]
+    groups = _GAP.split(run)
+    # Grouped as cards are printed (4-4-4-4, 4-6-5, 4-6-4, 4-4-4-4-3) with one kind of
+    # separator: a list of prices (4.99 5.49 ...), amounts (1.234.567...) or sizes is not a
+    # card. A longer run may be a card and what follows it (a year, a code): its first groups
+    # are tried too.
+    if gaps and (
+        len(set(gaps)) > 1 or len(groups[0]) != 4 or any(len(g) < 4 for g in groups[1:-1])
+    ):
+        return None
+    for end in _group_ends(run):
+        digits = _NOT_DIGIT.sub("", run[:end])
+        if 13 <= len(digits) <= 19 and card_prefix_ok(digits) and luhn_ok(digits):
+            return m.start() + end
+    return None
+
+
+def _phone(m: re.Match) -> int | None:
+    run = m.group()
+    if run.startswith("+"):  # E.164: at most 15 digits; what follows them is not the number
+        for end in _group_ends(run):
+            count = len(_NOT_DIGIT.sub("", run[:end]))
+            if count <= 15:
+                return m.start() + end if count >= 7 else None
+        return None
+    gaps = {g.strip() for g in _GAP.findall(run.partition(")")[2].lstrip() or run)}
+    if len(gaps) > 1:  # 415-555 0132: not one number
+        return None
+    # inside a longer run of groups with the same separator: an id or a list of numbers
+    before = _GAP_BEFORE.search(m.string, max(0, m.start() - 6), m.start())
+    after = _GAP_AFTER.match(m.string, m.end())
+    if any(x is not None and {x.group(1).strip()} == gaps for x in (before, after)):
+        return None
+    return m.end()
+
+
+def _ip(m: re.Match) -> int | None:
+    return m.end()
+
+
+def _ipv6(m: re.Match) -> int | None:
     run = m.group()
     address = run.rstrip(".")  # the end of a sentence
     for candidate in (address, address.rstrip(":")):  # "... at 2001:db8::1: it failed"
@@ -129,42 +243,40 @@ def _ipv6(m: re.Match) -> str | None:
             ipaddress.IPv6Address(candidate)
         except ValueError:
             continue
-        return PLACEHOLDERS["ip_address"] + run[len(candidate) :]
+        return m.start() + len(candidate)
     return None
-
-
-def _phone(m: re.Match) -> str | None:
-    digits = re.sub(r"\D", "", m.group())
-    return PLACEHOLDERS["phone"] if 7 <= len(digits) <= 15 else None
 
 
 # Order matters: emails and IBANs contain digit runs the card and phone patterns would split.
 # The last field is a character every match contains ("" for a digit): most texts have no
 # "@" or ":", and a plain `in` is cheaper than a regex scan that finds nothing.
 _SCRUBBERS = (
-    ("email", _EMAIL, lambda m: PLACEHOLDERS["email"], "@"),
+    ("email", _EMAIL, _email, "@"),
     ("iban", _IBAN, _iban, ""),
     ("credit_card", _CARD, _card, ""),
     ("phone", _PHONE, _phone, ""),
     ("ip_address", _IPV6, _ipv6, ":"),  # first: an IPv4-mapped IPv6 address ends in an IPv4 one
-    ("ip_address", _IP, lambda m: PLACEHOLDERS["ip_address"], "."),
+    ("ip_address", _IP, _ip, "."),
 )
-_DIGIT = re.compile(r"\d")
 
 
 def scrub(text: str, types: list[str] | tuple[str, ...], counts: Counter) -> str:
     """Replace the PII `types` in `text` by placeholders; add what was replaced to `counts`."""
-    digits = _DIGIT.search(text) is not None
-    for name, pattern, replace, mark in _SCRUBBERS:
-        if name not in types or (mark and mark not in text) or (name != "email" and not digits):
+    view = _fold(text)
+    digits = _DIGIT.search(view) is not None
+    for name, pattern, check, mark in _SCRUBBERS:
+        if name not in types or (mark and mark not in view) or (name != "email" and not digits):
             continue
-
-        def sub(m: re.Match, name=name, replace=replace) -> str:
-            out = replace(m)
-            if out is None:
-                return m.group()
+        pieces, done, at = [], 0, 0
+        while (m := pattern.search(view, at)) is not None:
+            end = check(m)
+            if end is None:  # as re.sub would: on after the rejected match
+                at = max(m.end(), m.start() + 1)
+                continue
+            pieces += (text[done : m.start()], PLACEHOLDERS[name])
             counts[name] += 1
-            return out
-
-        text = pattern.sub(sub, text)
+            done = at = end
+        if pieces:
+            text = "".join(pieces) + text[done:]
+            view = _fold(text)
     return text

@@ -64,9 +64,8 @@ class Row:
     def choose(self, logits: torch.Tensor) -> int:
         """The next token from this row's float32 `logits` (one row of the step's scores)."""
         r = self.req
-        if r.logprobs is not None:
-            lp = torch.log_softmax(logits, -1)
-            self._record(lp)
+        if r.logprobs is not None:  # log-softmax without writing it out: logits - logsumexp
+            self._pending = (logits, torch.logsumexp(logits, -1))
         x = logits
         if self.bias is not None or self.counts or self.seen or self.matcher is not None:
             x = x.clone()
@@ -82,7 +81,7 @@ class Row:
             x[idx] -= r.frequency_penalty * n + r.presence_penalty
         if self.matcher is not None:
             allowed = self.matcher.mask()
-            x[~allowed] = float("-inf")
+            x.masked_fill_(~allowed, float("-inf"))
             if not torch.isfinite(x).any():  # the bias banned every token the grammar allows
                 x = torch.where(allowed, logits, float("-inf"))
         token = int(torch.argmax(x)) if r.temperature == 0 else self._sample(x)
@@ -102,19 +101,20 @@ class Row:
             before = torch.cumsum(sorted_p, 0) - sorted_p  # mass of the better tokens
             sorted_p = torch.where(before < r.top_p * sorted_p.sum(), sorted_p, 0.0)
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-        return int(torch.multinomial(probs, 1, generator=self.gen))
-
-    def _record(self, lp: torch.Tensor) -> None:
-        self._pending = lp  # the chosen token's value is read once it is chosen
+        # Inverse-CDF draw with the row's own generator (torch.multinomial's checks over the
+        # whole vocabulary cost several times more per row and step).
+        cdf = torch.cumsum(probs, 0)
+        u = torch.rand((), generator=self.gen) * cdf[-1]
+        return min(int(torch.searchsorted(cdf, u, right=True)), probs.numel() - 1)
 
     def _accept(self, token: int) -> None:
         if self.req.logprobs is not None:
-            lp = self._pending
+            logits, lse = self._pending
             top = []
             if self.req.logprobs > 0:
-                values, ids = torch.topk(lp, self.req.logprobs)
-                top = list(zip(ids.tolist(), values.tolist(), strict=True))
-            self.logprobs.append(TokenLogprob(token, float(lp[token]), top))
+                values, ids = torch.topk(logits, self.req.logprobs)
+                top = list(zip(ids.tolist(), (values - lse).tolist(), strict=True))
+            self.logprobs.append(TokenLogprob(token, float(logits[token] - lse), top))
         self.tokens.append(token)
         if token in self.eos_ids or len(self.tokens) >= self.req.max_tokens:
             self.finished = True
