@@ -14,6 +14,7 @@ from pathlib import Path
 
 from rayft.config import JobConfig, dump_config, field_help, load_config
 from rayft.errors import RayftError
+from rayft.plan.cli import add_cli as add_plan_cli  # light: no torch
 
 
 def _set_arg(p: argparse.ArgumentParser, example: str = "training.max_steps=20") -> None:
@@ -74,33 +75,54 @@ def cmd_models_pull(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stage(module: str, function: str, **options: str):
+def _on_cluster(cfg: JobConfig, stage: str, run) -> None:
+    """Run `run()`; on an existing cluster, after the pre-flight, in one Ray connection with it.
+    Not inside a Ray Job: `rayft submit` checked before submitting it (or KubeRay runs it)."""
+    from rayft.cluster.connect import in_ray_job, ray_session, resolve_address
+
+    if not stage or not resolve_address(cfg.cluster.address) or in_ray_job():
+        run()
+        return
+    from rayft.cluster.preflight import check_connected, stages_of
+
+    with ray_session(cfg.cluster.address):
+        check_connected(cfg, stages_of(stage), f"{stage} on {resolve_address(cfg.cluster.address)}")
+        run()
+
+
+def _stage(module: str, function: str, stage: str, **options: str):
     """The command of a stage: `function` of `module` (imported only when it runs: torch and
     Ray are slow to import) on the loaded job file, with `options` (parameter -> CLI flag)."""
 
     def command(args: argparse.Namespace) -> int:
-        run = getattr(importlib.import_module(module), function)
-        run(_load(args), **{name: getattr(args, flag) for name, flag in options.items()})
+        cfg = _load(args)
+        kwargs = {name: getattr(args, flag) for name, flag in options.items()}
+
+        def run() -> None:  # imported after the pre-flight: a refusal need not wait for torch
+            getattr(importlib.import_module(module), function)(cfg, **kwargs)
+
+        _on_cluster(cfg, stage, run)
         return 0
 
     return command
 
 
-cmd_prepare = _stage("rayft.data", "prepare")
-cmd_train = _stage("rayft.training", "train", resume="resume")
-cmd_eval = _stage("rayft.evaluation", "evaluate")
-cmd_serve = _stage("rayft.serving", "serve")
-cmd_merge = _stage("rayft.export", "merge")
-cmd_export = _stage("rayft.export", "export", fmt="format")
+cmd_prepare = _stage("rayft.data", "prepare", "prepare")
+cmd_train = _stage("rayft.training", "train", "train", resume="resume")
+cmd_eval = _stage("rayft.evaluation", "evaluate", "eval")
+cmd_serve = _stage("rayft.serving", "serve", "serve")
+cmd_merge = _stage("rayft.export", "merge", "")  # merge and export do not use the cluster
+cmd_export = _stage("rayft.export", "export", "", fmt="format")
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    from rayft.quickstart import quickstart
+    from rayft.quickstart import default_config, quickstart
 
     overrides = list(args.overrides)
     if args.address:
         overrides.append(f"cluster.address={args.address}")
-    quickstart(config=args.config, overrides=overrides, resume=args.resume)
+    cfg = load_config(args.config or default_config(), overrides)
+    _on_cluster(cfg, "quickstart", lambda: quickstart(args.config, overrides, args.resume))
     return 0
 
 
@@ -117,6 +139,27 @@ def cmd_cluster_status(args: argparse.Namespace) -> int:
     from rayft.cluster import status
 
     status(args.address)
+    return 0
+
+
+def cmd_cluster_check(args: argparse.Namespace) -> int:
+    from rayft.cluster.connect import ray_session, resolve_address
+    from rayft.cluster.jobs import _refusals, check_submitted, client, dashboard_address
+    from rayft.cluster.preflight import PIPELINE, check_connected
+
+    cfg = _load(args)
+    target = resolve_address(cfg.cluster.address)
+    if not target:
+        raise RayftError("rayft cluster check: no cluster given; pass --address or set RAY_ADDRESS")
+    stages = tuple(args.stage or PIPELINE)
+    what = f"{', '.join(stages)} on {target}"
+    if target.startswith(("http://", "https://")):  # as `rayft submit` will run it
+        with _refusals(dashboard_address(target)):
+            check_submitted(client(target), cfg, stages, what)
+    else:
+        with ray_session(target):
+            check_connected(cfg, stages, what)
+    print(f"[rayft preflight] {what}: ok")
     return 0
 
 
@@ -146,6 +189,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_jobs(args: argparse.Namespace) -> int:
     from rayft.cluster import jobs
 
+    if args.action == "fetch":
+        from rayft.cluster.fetch import fetch
+
+        if not args.job_id:
+            raise RayftError("rayft jobs fetch: give the job id (see `rayft jobs list`)")
+        return fetch(args.job_id, address=args.address, out=args.out)
     return jobs(args.action, job_id=args.job_id, address=args.address, follow=args.follow)
 
 
@@ -201,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print the report as JSON")
     r.set_defaults(func=cmd_ab_report)
 
+    add_plan_cli(sub, _config_args)  # offline: will the job fit, where, how long, what cost
+
     stage("merge", "merge the adapter into the base; verify", cmd_merge)
     stage("export", "export the merged model (GGUF); verify", cmd_export).add_argument(
         "--format", default="gguf", choices=["gguf"], help="export format"
@@ -228,6 +279,18 @@ def build_parser() -> argparse.ArgumentParser:
         "neither: an embedded local Ray)",
     )
     s.set_defaults(func=cmd_cluster_status)
+    s = p.add_parser(
+        "check",
+        help="pre-flight: can the job's stages run on the cluster (resources, packages, storage)",
+    )
+    _config_args(s)
+    s.add_argument(
+        "--stage",
+        action="append",
+        choices=["prepare", "train", "eval", "serve", "merge", "export"],
+        help="stage to check (repeatable; default: prepare, train, eval)",
+    )
+    s.set_defaults(func=cmd_cluster_check)
 
     p = sub.add_parser(
         "submit",
@@ -246,10 +309,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_submit, submit_parser=p)
 
     p = sub.add_parser("jobs", help="Ray Jobs submitted by rayft")
-    p.add_argument("action", choices=["list", "logs", "stop"])
+    p.add_argument("action", choices=["list", "logs", "stop", "fetch"])
     p.add_argument("job_id", nargs="?")
     p.add_argument("--address", help="Ray dashboard address (default: RAY_ADDRESS)")
     p.add_argument("--follow", "-f", action="store_true", help="logs: stream until the job ends")
+    p.add_argument(
+        "--out",
+        help="fetch: where the run's adapter, reports and summaries go (default: ./RUN_DIR_NAME)",
+    )
     p.set_defaults(func=cmd_jobs)
 
     p = sub.add_parser("k8s", help="KubeRay").add_subparsers(dest="k8s", required=True)

@@ -1,42 +1,37 @@
-"""Ray Jobs submission and cluster status, against a real Ray head with token authentication.
-
-The head runs in its own session (own ports, own --temp-dir) so other Ray instances on the
-machine are untouched; teardown ends that session's processes only.
-"""
+"""Ray Jobs submission specs, the pre-flight's judgement and `cluster status`, without a real
+cluster: the resource arithmetic and refusal messages run on what rayft.cluster.survey found on a
+`ray.cluster_utils.Cluster` of three nodes (one with fake GPUs). tests/test_cluster_real.py runs
+the same on a cluster started with `ray start`, end to end."""
 
 from __future__ import annotations
 
+import copy
 import json
-import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
-import urllib.error
-import urllib.request
+import textwrap
 from pathlib import Path
 
-import psutil
 import pytest
 
 from rayft.cluster import status, submission
+from rayft.cluster.fetch import _write
+from rayft.cluster.fetch import main as fetch_main
+from rayft.cluster.preflight import judge, paths, stages_of
+from rayft.cluster.status import _usage
+from rayft.config import ConfigError, JobConfig, load_config
 from rayft.errors import RayftError
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-TOKEN = "rayft-test-token-6f1c0d2a9e8b47c5"
 
 
-# --------------------------------------------------------------------------- no cluster
+# --------------------------------------------------------------------------- submission
 
 
 def test_submission_carries_project_config_and_marks_job(tmp_path: Path) -> None:
     (tmp_path / "configs").mkdir()
     cfg = tmp_path / "configs" / "job.yaml"
-    cfg.write_text("name: demo\n")
+    cfg.write_text("name: demo\nrun_dir: /shared/runs/demo\n")
     spec = submission(
         cfg, ["--", "prepare", "--limit", "3"], overrides=["training.max_steps=1"], project=tmp_path
     )
@@ -47,12 +42,49 @@ def test_submission_carries_project_config_and_marks_job(tmp_path: Path) -> None
     assert env["working_dir"] == str(tmp_path)
     assert Path(env["py_modules"][0]).joinpath("cli.py").is_file()
     assert {".git/", ".venv/", "runs/"} <= set(env["excludes"])
-    assert spec["metadata"] == {"rayft": "1", "stage": "prepare", "config": "configs/job.yaml"}
+    assert spec["metadata"] == {
+        "rayft": "1",
+        "stage": "prepare",
+        "config": "configs/job.yaml",
+        "run_dir": "/shared/runs/demo",
+        "python": "python",
+    }
 
     # Subcommands of two words keep the config after both.
     spec = submission(cfg, ["--", "ab", "report", "--json"], project=tmp_path)
     assert spec["entrypoint"] == "python -m rayft.cli ab report configs/job.yaml --json"
     assert spec["metadata"]["stage"] == "ab report"
+
+
+def test_submission_runs_the_clusters_python_in_the_runtime_env(tmp_path: Path) -> None:
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(
+        "cluster:\n  python: /opt/venv/bin/python\n"
+        "  runtime_env: {pip: [peft==0.18.1], env_vars: {HF_HOME: /mnt/hf}}\n"
+    )
+    spec = submission(cfg, ["train"], project=tmp_path)
+    assert spec["entrypoint"] == "/opt/venv/bin/python -m rayft.cli train job.yaml"
+    env = spec["runtime_env"]
+    assert env["pip"] == ["peft==0.18.1"] and env["env_vars"] == {"HF_HOME": "/mnt/hf"}
+    assert env["working_dir"] == str(tmp_path)  # rayft's own keys stay
+    spec = submission(cfg, ["train"], ["cluster.python=uv run python"], project=tmp_path)
+    assert spec["entrypoint"].startswith("uv run python -m rayft.cli train")
+
+
+def test_runtime_env_takes_packages_and_env_vars_only(tmp_path: Path) -> None:
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text("name: x\n")
+    for bad, words in [
+        ("{conda: myenv}", "conda not supported; use pip, uv, env_vars"),
+        ("{working_dir: .}", "working_dir not supported"),
+        ("{pip: [a], uv: [b]}", "either pip or uv"),
+        ("{pip: peft}", "a list of requirement strings"),
+        ("{env_vars: {A: 1}}", 'quote numbers: "1"'),
+        ("{env_vars: {TOKENIZERS_PARALLELISM: 'true'}}", "set by rayft's stages themselves"),
+    ]:
+        with pytest.raises(ConfigError, match="cluster.runtime_env") as e:
+            load_config(cfg, [f"cluster.runtime_env={bad}"])
+        assert words in str(e.value)
 
 
 def test_submission_from_this_checkout_uploads_the_package_once() -> None:
@@ -72,215 +104,255 @@ def test_submission_rejects_missing_stage_file_and_outside_config(tmp_path: Path
         submission(cfg, ["prepare"], project=tmp_path / "elsewhere")
 
 
-def test_status_reports_local_cluster(ray_local, capsys) -> None:
-    info = status()
-    assert info["nodes"] >= 1
-    assert info["cpus"][0] == 4
-    assert info["gpus"][0] == 0
-    assert info["jobs"] == []  # the embedded Ray has no dashboard, hence no jobs
-    assert "CPUs:" in capsys.readouterr().out
-
-
-# --------------------------------------------------------------------------- a real head
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _clean_env(**extra: str) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("RAY_AUTH", "RAY_ADDRESS", "RAY_API_SERVER"))
+def test_relative_run_dir_is_refused_for_submission_and_resolved_under_address(
+    tmp_path: Path, monkeypatch
+) -> None:
+    cfg = JobConfig.model_validate({"name": "demo", "run_dir": "runs/demo"})
+    with pytest.raises(RayftError) as e:
+        paths(cfg, ("train",), submitted=True)
+    assert "run_dir=runs/demo is relative" in str(e.value)
+    assert "absolute path on storage every node shares" in str(e.value)
+    assert "--set run_dir=/mnt/shared/demo" in str(e.value)
+    monkeypatch.chdir(tmp_path)
+    assert paths(cfg, ("train",), submitted=False) == {"run_dir": str(tmp_path / "runs/demo")}
+    s3 = cfg.model_copy(update={"run_dir": "/mnt/r"}, deep=True)
+    s3.cluster.storage_path = "s3://bucket/ckpt"
+    assert paths(s3, ("train",), submitted=True) == {
+        "run_dir": "/mnt/r",
+        "cluster.storage_path": "s3://bucket/ckpt",
     }
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # `python` is this venv's
-    env.update(extra)
-    return env
+    assert "cluster.storage_path" not in paths(s3, ("eval",), submitted=True)  # train's alone
+    with pytest.raises(RayftError, match="write the run dir as files"):
+        paths(cfg.model_copy(update={"run_dir": "s3://b/run"}), ("train",), submitted=True)
 
 
-def _end_session(head: subprocess.Popen) -> None:
-    """Stop the head: SIGTERM lets `ray start --block` stop its own processes; anything of
-    that session still alive after that is killed."""
-    pid = head.pid
-    head.send_signal(signal.SIGTERM)
+# --------------------------------------------------------------------------- the pre-flight
+
+SURVEY = textwrap.dedent(
+    """
+    import json, sys
+    import ray
+    from ray.cluster_utils import Cluster
+    from rayft.cluster.survey import survey
+
+    run_dir, port = sys.argv[1], int(sys.argv[2])
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 2, "gcs_server_port": port, "include_dashboard": False},
+    )
+    cluster.add_node(num_cpus=1)
+    cluster.add_node(num_cpus=2, num_gpus=2)
+    ray.init(address=cluster.address, log_to_driver=False)
     try:
-        head.wait(timeout=8)
-    except subprocess.TimeoutExpired:
-        head.kill()
-    for proc in psutil.process_iter():
-        try:
-            if os.getsid(proc.pid) == pid:
-                proc.kill()
-        except (ProcessLookupError, PermissionError, psutil.Error):
-            pass
+        cluster.wait_for_nodes()
+        found = survey(["ray", "torch", "peft", "trl", "pyarrow", "transformers"],
+                       {"run_dir": run_dir})
+        print("RESULT " + json.dumps(found))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    """
+)
 
 
 @pytest.fixture(scope="module")
-def ray_head():
-    """A Ray head on loopback with RAY_AUTH_MODE=token, 2 CPUs, its own ports and temp dir."""
-    gcs, dash = _free_port(), _free_port()
-    temp = tempfile.mkdtemp(prefix="rft", dir="/tmp")  # short: Ray's socket paths are limited
-    ports = {
-        "--ray-client-server-port": _free_port(),
-        "--dashboard-agent-listen-port": _free_port(),
-        "--dashboard-agent-grpc-port": _free_port(),
-        "--runtime-env-agent-port": _free_port(),
-        "--metrics-export-port": _free_port(),
-    }
-    cmd = [
-        str(BIN / "ray"),
-        "start",
-        "--head",
-        "--block",
-        "--node-ip-address=127.0.0.1",
-        f"--port={gcs}",
-        "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dash}",
-        *(f"{k}={v}" for k, v in ports.items()),
-        "--num-cpus=2",
-        "--disable-usage-stats",
-        f"--temp-dir={temp}",
-    ]
-    env = _clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=TOKEN, RAY_USAGE_STATS_ENABLED="0")
-    log = open(Path(temp) / "head.log", "w")  # noqa: SIM115 (closed in teardown)
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=temp
-    )
-    url = f"http://127.0.0.1:{dash}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            req = urllib.request.Request(
-                f"{url}/api/jobs/", headers={"Authorization": f"Bearer {TOKEN}"}
-            )
-            try:
-                with urllib.request.urlopen(req, timeout=2) as r:
-                    json.load(r)
-                break
-            except (urllib.error.URLError, ConnectionError, TimeoutError, ValueError):
-                if proc.poll() is not None or time.time() > deadline:
-                    log.flush()
-                    raise RuntimeError(
-                        f"Ray head did not come up: {(Path(temp) / 'head.log').read_text()}"
-                    ) from None
-                time.sleep(0.5)
-        yield {"dashboard": url, "gcs": f"127.0.0.1:{gcs}"}
-    finally:
-        _end_session(proc)
-        log.close()
-        shutil.rmtree(temp, ignore_errors=True)
+def three_nodes(tmp_path_factory) -> dict:
+    """What the survey finds on 2 + 1 CPUs + a node of 2 CPUs and 2 GPUs. In a subprocess: a
+    process holds one Ray connection, and the session's `ray_local` may hold this one's."""
+    import socket
 
-
-def _rayft(*args: str, cwd: Path = ROOT, timeout: int = 120, **env: str):
-    return subprocess.run(
-        [str(BIN / "rayft"), *args],
-        cwd=cwd,
-        env=_clean_env(**env),
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run_dir = tmp_path_factory.mktemp("shared") / "run"
+    proc = subprocess.run(
+        [sys.executable, "-c", SURVEY, str(run_dir), str(port)],
         capture_output=True,
         text=True,
-        timeout=timeout,
+        timeout=300,
     )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line.removeprefix("RESULT "))
 
 
-def test_submit_runs_a_stage_with_the_token_and_follows_its_logs(
-    ray_head, tiny_model, tmp_path: Path
-) -> None:
-    """`rayft prepare` as a Ray Job: the project travels in the runtime_env, the job's own
-    driver connects to the token-protected cluster, and its logs stream back."""
-    rows = (ROOT / "examples/data/support.jsonl").read_text().splitlines()[:24]
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "support.jsonl").write_text("\n".join(rows) + "\n")
-    run_dir = tmp_path / "out" / "run"
-    (tmp_path / "job.yaml").write_text(
-        f"name: submitted\nrun_dir: {run_dir}\nmodel: {{base: {tiny_model}}}\n"
-        "data:\n  train_files: [data/support.jsonl]\n  max_seq_len: 256\n"
-        "  dedupe: {near: false}\ncluster: {num_workers: 1}\n"
+def _job(**cluster) -> JobConfig:
+    return JobConfig.model_validate({"run_dir": "/shared/run", "cluster": cluster})
+
+
+def test_survey_sees_every_node_its_resources_packages_and_the_shared_run_dir(three_nodes):
+    nodes = three_nodes["nodes"]
+    assert len(nodes) == 3 and nodes[0]["head"]
+    assert sorted(n["total"]["CPU"] for n in nodes) == [1, 2, 2]
+    assert [n["total"].get("GPU", 0) for n in nodes if n["total"]["CPU"] == 2] in ([0, 2], [2, 0])
+    assert all(n["free"]["CPU"] == n["total"]["CPU"] for n in nodes)
+    from importlib.metadata import version
+
+    for env in [three_nodes["driver"], *nodes]:
+        assert env["packages"]["peft"] == version("peft")
+        assert env["packages"]["ray"] == version("ray")
+        assert env["python"] == ".".join(map(str, sys.version_info[:3]))
+        assert env["origins"] == {}
+    assert three_nodes["driver"]["paths"]["run_dir"][1] == "ok"
+    assert all(n["paths"] == {"run_dir": "ok"} for n in nodes)  # one machine: shared
+    run_dir = Path(three_nodes["driver"]["paths"]["run_dir"][0])
+    assert list(run_dir.iterdir()) == []  # the markers are gone
+
+
+def test_training_workers_that_leave_no_cpu_for_data_are_refused(three_nodes):
+    ok = judge(_job(num_workers=4), ("train",), three_nodes)
+    assert ok.errors == [] and ok.warnings == []
+    assert any("2/2 CPU, 2/2 GPU free" in line for line in ok.lines)
+
+    starved = judge(_job(num_workers=5), ("train",), three_nodes)
+    (error,) = starved.errors
+    assert error.startswith(
+        "train needs 6 CPUs (5 training workers x 1 + 1 for the Ray Data tasks that feed them)"
     )
-    addr = ray_head["dashboard"]
-    done = _rayft("submit", "job.yaml", "--address", addr, "--", "prepare", cwd=tmp_path,
-                  RAY_AUTH_TOKEN=TOKEN)  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "submitted raysubmit_" in done.stdout
-    assert ": SUCCEEDED" in done.stdout
-    assert "prepare" in done.stdout.lower()  # the stage's own log lines came back
-    report = json.loads((run_dir / "data" / "data_report.json").read_text())
-    assert report["rows_in"] == 24
+    assert "would wait for one forever" in error
+    assert "Fix: --set cluster.num_workers=4; or --set cluster.cpus_per_worker=0.5" in error
+    with pytest.raises(RayftError, match="pre-flight refused train on test:\n  - train needs"):
+        starved.settle("train on test")
 
-    listed = _rayft("jobs", "list", "--address", addr, RAY_AUTH_TOKEN=TOKEN)
-    assert listed.returncode == 0, listed.stderr
-    job_id = done.stdout.split("submitted ")[1].split(":")[0]
-    assert f"{job_id}  SUCCEEDED  prepare   job.yaml" in listed.stdout
-
-    logs = _rayft("jobs", "logs", job_id, "--address", addr, RAY_AUTH_TOKEN=TOKEN)
-    assert logs.returncode == 0, logs.stderr
-    assert "Running entrypoint" in logs.stdout and "prepare" in logs.stdout
+    # An autoscaling cluster adds nodes: the same shortfall is a warning.
+    scaling = judge(_job(num_workers=5, autoscaling=True), ("train",), three_nodes)
+    assert scaling.errors == [] and "waiting for the autoscaler" in scaling.warnings[0]
 
 
-def test_missing_or_wrong_token_is_refused(ray_head, tmp_path: Path) -> None:
-    addr = ray_head["dashboard"]
-    missing = _rayft("jobs", "list", "--address", addr)
-    assert missing.returncode == 2
-    assert "needs a token and none was given" in missing.stderr
-    assert "RAY_AUTH_TOKEN" in missing.stderr and "Traceback" not in missing.stderr
+def test_gpus_placement_and_big_workers_are_checked_per_node(three_nodes):
+    gpus = judge(_job(num_workers=3, use_gpu=True), ("train",), three_nodes).errors
+    assert len(gpus) == 1 and "3 GPUs (3 training workers x 1)" in gpus[0]
+    assert "--set cluster.num_workers=2" in gpus[0]
 
-    wrong = _rayft("jobs", "list", "--address", addr, RAY_AUTH_TOKEN="not-the-token")
-    assert wrong.returncode == 2
-    assert "rejected the token" in wrong.stderr
+    spread = judge(_job(num_workers=2, use_gpu=True, placement_strategy="STRICT_SPREAD"),
+                   ("train",), three_nodes).errors  # fmt: skip
+    assert len(spread) == 1 and "2 GPUs" in spread[0]  # both GPUs are on one node
 
-    token_file = tmp_path / "token"
-    token_file.write_text("also-wrong\n")
-    cfg = ROOT / "configs" / "quickstart.yaml"
-    sub = _rayft("submit", str(cfg), "--address", addr, "--", "prepare",
-                 RAY_AUTH_TOKEN_PATH=str(token_file))  # fmt: skip
-    assert sub.returncode == 2 and "rejected the token" in sub.stderr
+    big = judge(_job(num_workers=1, cpus_per_worker=3), ("train",), three_nodes).errors
+    assert "no node can hold a single training worker" in big[0]
 
-    token_file.write_text(TOKEN + "\n")  # the right token from a file works
-    ok = _rayft("jobs", "list", "--address", addr, RAY_AUTH_TOKEN_PATH=str(token_file))
-    assert ok.returncode == 0, ok.stderr
+    pack = judge(_job(num_workers=3, placement_strategy="STRICT_PACK"), ("train",), three_nodes)
+    assert "Fix: --set cluster.num_workers=2" in pack.errors[0]
 
 
-def test_status_shows_running_jobs_and_stop_stops_them(ray_head) -> None:
-    from ray.job_submission import JobStatus, JobSubmissionClient
+def test_eval_and_serve_replicas_and_what_is_free_now(three_nodes):
+    cfg = _job().model_copy(deep=True)
+    cfg.eval.num_replicas = 6
+    (error,) = judge(cfg, ("eval",), three_nodes).errors
+    assert "eval needs 6 CPUs (6 eval replicas x 1)" in error
+    assert "--set eval.num_replicas=5" in error
+    cfg.serve.num_replicas, cfg.serve.cpus_per_replica = 3, 2
+    (error,) = judge(cfg, ("serve",), three_nodes).errors
+    assert "serve needs 6 CPUs (3 serve replicas x 2)" in error
 
-    addr = ray_head["dashboard"]
-    jsc = JobSubmissionClient(addr, headers={"Authorization": f"Bearer {TOKEN}"})
-    job_id = jsc.submit_job(
-        entrypoint="python -c 'import time; time.sleep(120)'",
-        metadata={"rayft": "1", "stage": "train", "config": "configs/demo.yaml"},
-    )
-    other = jsc.submit_job(entrypoint="python -c 'import time; time.sleep(120)'")
-    try:
-        deadline = time.time() + 60
-        while jsc.get_job_status(job_id) != JobStatus.RUNNING and time.time() < deadline:
-            time.sleep(0.5)
+    busy = copy.deepcopy(three_nodes)
+    for node in busy["nodes"]:
+        node["free"]["CPU"] = 0.0  # another job holds every CPU
+    held = judge(_job(num_workers=1), ("train",), busy)
+    assert held.errors == []
+    assert "more than is free now" in held.warnings[0] and "waits until" in held.warnings[0]
+    assert judge(_job(), stages_of("merge"), busy).errors == []  # runs in the driver
 
-        shown = _rayft("cluster", "status", "--address", addr, RAY_AUTH_TOKEN=TOKEN)
-        assert shown.returncode == 0, shown.stderr
-        assert "nodes: 1" in shown.stdout
-        assert "CPUs:  2 total" in shown.stdout
-        assert "rayft jobs running: 1" in shown.stdout  # the unmarked job is not rayft's
-        assert f"{job_id}  RUNNING   train     configs/demo.yaml" in shown.stdout
 
-        # Through the GCS, as a driver: available resources too, jobs via the dashboard.
-        gcs = _rayft("cluster", "status", "--address", ray_head["gcs"],
-                     RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=TOKEN)  # fmt: skip
-        assert gcs.returncode == 0, gcs.stderr
-        assert "available / 2 total" in gcs.stdout
-        assert "rayft jobs running: 1" in gcs.stdout
+def test_a_node_with_another_package_or_none_is_refused_by_name(three_nodes):
+    skewed = copy.deepcopy(three_nodes)
+    one, two = skewed["nodes"][1], skewed["nodes"][2]
+    one["packages"]["peft"] = "0.0.1"
+    one["origins"] = {"peft": "/opt/old/peft"}
+    two["packages"]["trl"] = None
+    two["packages"]["torch"] = "1.0.0"
+    errors = judge(_job(num_workers=1), ("train",), skewed).errors
+    assert len(errors) == 3, errors
+    peft_error = next(e for e in errors if e.startswith("peft 0.0.1, outside rayft's peft"))
+    assert "(imported from /opt/old/peft)" in peft_error and "PYTHONPATH" in peft_error
+    trl_error = next(e for e in errors if e.startswith("trl missing on node"))
+    assert "pip install 'trl==" in trl_error and "cluster.runtime_env.pip" in trl_error
+    assert any(e.startswith("torch 1.0.0, outside rayft's torch") for e in errors)
+    assert judge(_job(), ("prepare",), skewed).errors == []  # prepare needs neither
 
-        stopped = _rayft("jobs", "stop", job_id, "--address", addr, RAY_AUTH_TOKEN=TOKEN)
-        assert stopped.returncode == 0 and "stop requested" in stopped.stdout
-        deadline = time.time() + 30
-        while not jsc.get_job_status(job_id).is_terminal() and time.time() < deadline:
-            time.sleep(0.5)
-        assert jsc.get_job_status(job_id) == JobStatus.STOPPED
+    ray_skew = copy.deepcopy(three_nodes)
+    ray_skew["nodes"][1]["packages"]["ray"] = "2.59.0"
+    ray_skew["nodes"][2]["packages"]["transformers"] = "5.99.0"
+    v = judge(_job(num_workers=1), ("train",), ray_skew)
+    assert any("ray 2.59.0, the driver's" in e for e in v.errors)  # Ray: refused
+    assert any(w.startswith("transformers 5.99.0 on node") for w in v.warnings)  # others: warned
 
-        unknown = _rayft("jobs", "logs", "raysubmit_nope", "--address", addr,
-                         RAY_AUTH_TOKEN=TOKEN)  # fmt: skip
-        assert unknown.returncode == 2 and "refused" in unknown.stderr
-    finally:
-        jsc.stop_job(other)
-        jsc.stop_job(job_id)
+    here = {**three_nodes["driver"], "python": "3.99.0"}
+    v = judge(_job(num_workers=1), ("train",), three_nodes, client=here)
+    assert v.errors == [] and "python 3.99.0 here" in v.warnings[0]
+
+
+def test_storage_that_a_node_does_not_share_is_refused(three_nodes):
+    apart = copy.deepcopy(three_nodes)
+    apart["nodes"][1]["paths"]["run_dir"] = "not found: another filesystem than the driver's"
+    (error,) = judge(_job(num_workers=1), ("train",), apart).errors
+    assert "is not storage the driver and every node share" in error
+    assert "another filesystem" in error and "NFS, a PVC" in error
+    apart["driver"]["paths"]["run_dir"] = ("/ro/run", "the driver cannot write there (denied)")
+    assert "the driver cannot write there" in judge(_job(), ("prepare",), apart).errors[0]
+
+
+def test_a_stage_inside_a_ray_job_skips_a_second_preflight(monkeypatch) -> None:
+    from rayft.cluster.connect import in_ray_job
+
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert not in_ray_job()
+    job = {"runtime_env": {}, "metadata": {"rayft": "1", "stage": "train"}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
+    assert in_ray_job()
+
+
+# --------------------------------------------------------------------------- fetch, status
+
+
+def test_fetch_carries_small_artifacts_through_a_log(tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    for rel, data in {
+        "run.json": b"{}",
+        "adapter/adapter_model.safetensors": bytes(range(256)) * 5000,
+        "eval/report.json": b'{"a": 1}',
+        "data/data_report.json": b"{}",
+        "data/train/part-000.parquet": b"split",
+        "checkpoints/checkpoint_000001/x.pt": b"ckpt",
+        "eval/adapter_cache/ab/adapter_model.safetensors": b"cache",
+        "name with space.json": b"[]",
+    }.items():
+        (run / rel).parent.mkdir(parents=True, exist_ok=True)
+        (run / rel).write_bytes(data)
+    assert fetch_main([json.dumps({"run_dir": str(run)})]) == 0
+    logs = "Running entrypoint\n" + capsys.readouterr().out
+    got = sorted(_write(logs, tmp_path / "out"))
+    assert got == [
+        "adapter/adapter_model.safetensors",
+        "data/data_report.json",
+        "eval/report.json",
+        "name with space.json",
+        "run.json",
+    ]
+    for rel in got:
+        assert (tmp_path / "out" / rel).read_bytes() == (run / rel).read_bytes()
+
+    damaged = logs.replace("sha256=", "sha256=0", 1)
+    with pytest.raises(RayftError, match="arrived damaged"):
+        _write(damaged, tmp_path / "again")
+    with pytest.raises(RayftError, match="refusing the path"):
+        _write('RAYFT_FILE "../evil" sha256=00\n', tmp_path / "again")
+
+
+def test_dashboard_usage_lines_parse() -> None:
+    text = "0.0/2.0 CPU\n1.0/1.0 GPU (1.0 used of 1.0 reserved in placement groups)\n"
+    text += "512.00MiB/16.07GiB memory\n0B/6.89GiB object_store_memory"
+    usage = _usage(text)
+    assert usage["CPU"] == (0.0, 2.0) and usage["GPU"] == (1.0, 1.0)
+    assert usage["memory"][0] == 512 * 2**20
+    assert usage["object_store_memory"] == (0.0, 6.89 * 2**30)
+
+
+def test_status_reports_local_cluster(ray_local, capsys) -> None:
+    info = status()
+    assert len(info["nodes"]) >= 1
+    assert info["resources"]["CPU"][1] == 4
+    assert info["resources"]["GPU"] == (0, 0)
+    assert info["jobs"] == []  # the embedded Ray has no dashboard, hence no jobs
+    out = capsys.readouterr().out
+    assert "free/total: " in out and "/4 CPU" in out and "(head)" in out

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 
 import ray
 
+from rayft.config.cluster import STAGE_ENV_VARS
+
 
 def local_cpus(num_workers: int = 1, cpus_per_worker: float = 1.0) -> int:
     """Logical CPUs for an embedded Ray: the machine's, but never fewer than the training
@@ -32,6 +34,14 @@ def resolve_address(address: str | None) -> str | None:
     return address or os.environ.get("RAY_ADDRESS") or None
 
 
+def in_ray_job() -> bool:
+    """Whether this process is the driver of a Ray Job (Ray hands a job's driver its config in
+    this variable): one of `rayft submit`, whose pre-flight ran before the submission, or of a
+    KubeRay RayJob, whose cluster `rayft k8s render` sized from the same config (and whose
+    workers may still be joining when the job starts)."""
+    return bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
+
+
 @contextlib.contextmanager
 def ray_session(
     address: str | None = None, num_cpus: int | None = None, dashboard: bool = True
@@ -44,9 +54,7 @@ def ray_session(
         yield False
         return
     target = resolve_address(address)
-    # Train V2 patches print() in its workers to also log each line through a logger that goes
-    # to the console too: with Ray's own stdout capture every `[rayft train]` line came twice.
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
+    env = {"env_vars": dict(STAGE_ENV_VARS)}
     if target:
         ray.init(address=target, runtime_env=env, log_to_driver=True)
     else:

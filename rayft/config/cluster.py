@@ -4,9 +4,18 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from rayft.config.section import Section
+
+# Set by every stage's own ray.init (rayft.cluster.connect); Ray refuses a submitted job whose
+# runtime_env sets one of them too, so `cluster.runtime_env.env_vars` may not. Train V2 patches
+# print() in its workers to also log each line through a logger that goes to the console too:
+# with Ray's own stdout capture every `[rayft train]` line came twice.
+STAGE_ENV_VARS = {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+# rayft sets working_dir and py_modules itself; conda and container envs replace the Python
+# that runs the stage, which `cluster.python` names instead.
+RUNTIME_ENV_KEYS = ("pip", "uv", "env_vars")
 
 
 class K8sConfig(Section):
@@ -73,4 +82,63 @@ class ClusterConfig(Section):
     storage_path: str | None = Field(
         None, description="Checkpoint storage (local dir or s3://); default <run_dir>/checkpoints."
     )
+    stall_timeout: float = Field(
+        300,
+        ge=0,
+        description="Seconds without progress (no training step, no data block, no eval batch) "
+        "before a stage stops with a diagnosis of what Ray is waiting for; 0: never.",
+    )
+    autoscaling: bool = Field(
+        False,
+        description="The cluster adds nodes on demand (KubeRay autoscaler, cluster launcher): "
+        "missing resources are a warning, and a stalled stage keeps waiting for nodes.",
+    )
+    python: str = Field(
+        "python",
+        description="Interpreter that runs a submitted stage (and its pre-flight) on the "
+        "cluster, e.g. /opt/venv/bin/python when the cluster runs from a virtualenv.",
+    )
+    runtime_env: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Ray runtime environment for submitted stages on clusters without rayft's "
+        "dependencies: `pip` or `uv` (packages), `env_vars`; the pre-flight checks versions "
+        "inside it.",
+    )
     k8s: K8sConfig = Field(default_factory=K8sConfig, description="KubeRay rendering.")
+
+    @field_validator("runtime_env")
+    @classmethod
+    def _runtime_env(cls, env: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(env) - set(RUNTIME_ENV_KEYS))
+        if unknown:
+            raise ValueError(
+                f"cluster.runtime_env: {', '.join(unknown)} not supported; use "
+                f"{', '.join(RUNTIME_ENV_KEYS)} (rayft uploads the project and its package "
+                "itself; for a conda env or a container, start the cluster from it and set "
+                "cluster.python to its interpreter)"
+            )
+        if "pip" in env and "uv" in env:
+            raise ValueError("cluster.runtime_env: give either pip or uv, not both")
+        for key in ("pip", "uv"):
+            packages = env.get(key)
+            if packages is not None and not (
+                isinstance(packages, list) and all(isinstance(p, str) for p in packages)
+            ):
+                raise ValueError(
+                    f"cluster.runtime_env.{key}: a list of requirement strings, e.g. "
+                    f"[peft==0.18.1, trl==1.10.0]; got {packages!r}"
+                )
+        env_vars = env.get("env_vars", {})
+        if not isinstance(env_vars, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in env_vars.items()
+        ):
+            raise ValueError(
+                'cluster.runtime_env.env_vars: a mapping of names to strings (quote numbers: "1")'
+            )
+        clash = sorted(set(env_vars) & set(STAGE_ENV_VARS))
+        if clash:
+            raise ValueError(
+                f"cluster.runtime_env.env_vars: {', '.join(clash)} is set by rayft's stages "
+                "themselves (Ray refuses a job that sets it twice); remove it"
+            )
+        return env

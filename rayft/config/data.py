@@ -35,7 +35,9 @@ class DedupeConfig(Section):
         0.85,
         gt=0,
         le=1,
-        description="Estimated Jaccard similarity above which rows are duplicates.",
+        description="Estimated Jaccard similarity above which rows are near-duplicate "
+        "candidates; a candidate is removed only if its content words match too (a number, "
+        "name, product or negation that differs keeps both rows).",
     )
     num_perm: int = Field(128, ge=16, description="MinHash permutations.")
     shingle_size: int = Field(5, ge=1, description="Words per shingle for near-dedupe.")

@@ -56,6 +56,7 @@ def prepare(cfg: JobConfig) -> DataArtifacts:
     """Run the whole data stage for `cfg` and record it in run.json."""
     from rayft import manifest, models
     from rayft.cluster.connect import local_cpus, ray_session
+    from rayft.cluster.watchdog import Watchdog
 
     start = time.perf_counter()
     d = cfg.data
@@ -66,10 +67,13 @@ def prepare(cfg: JobConfig) -> DataArtifacts:
     _clear(data_dir)
     model_path = models.resolve(cfg.model.base, cfg.model.revision)
 
-    with ray_session(
-        cfg.cluster.address,
-        num_cpus=local_cpus(cfg.cluster.num_workers, cfg.cluster.cpus_per_worker),
-        dashboard=False,
+    c = cfg.cluster
+    with (
+        ray_session(
+            c.address, num_cpus=local_cpus(c.num_workers, c.cpus_per_worker), dashboard=False
+        ),
+        # progress: every block a Ray Data execution in this process produces or takes
+        Watchdog(c.stall_timeout, "data block", stage="prepare", autoscaling=c.autoscaling) as dog,
     ):
         tokenized = _read_clean_tokenize(files, d, model_path).materialize()
         facts = _collect_cleaned(tokenized)
@@ -84,13 +88,14 @@ def prepare(cfg: JobConfig) -> DataArtifacts:
         rejects = facts["rejects"]  # the template's refusals too
         _record_rejects(rejects, data_dir, d.on_error)
         kind = _single_kind(facts["kinds"])
-        exact, near = dedupe.find_duplicates(
-            facts["signatures"],
-            d.dedupe.near,
-            d.dedupe.near_threshold,
-            d.dedupe.num_perm,
-            exact_dedupe=d.dedupe.exact,
-        )
+        with dog.paused():  # the driver's own work: no Ray Data blocks
+            exact, near = dedupe.find_duplicates(
+                facts["signatures"],
+                d.dedupe.near,
+                d.dedupe.near_threshold,
+                d.dedupe.num_perm,
+                exact_dedupe=d.dedupe.exact,
+            )
         timings["dedupe"] = _lap(marks)
         _progress(
             f"dedupe: {len(exact)} exact and {len(near)} near duplicates among "

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from rayft.cluster.connect import local_cpus, ray_session
+from rayft.cluster.watchdog import Watchdog
 from rayft.config import JobConfig
 from rayft.evaluation import lm_eval, plots, report
 from rayft.evaluation.arms import Arm, base_arm, candidate_arm
@@ -99,9 +100,11 @@ def evaluate(cfg: JobConfig) -> EvalArtifacts:
     n = len(examples)
 
     results: dict[str, list[dict[str, Any]]] = {}
-    with ray_session(
-        cfg.cluster.address,
-        num_cpus=local_cpus(cfg.cluster.num_workers, cfg.cluster.cpus_per_worker),
+    c = cfg.cluster
+    with (
+        ray_session(c.address, num_cpus=local_cpus(c.num_workers, c.cpus_per_worker)),
+        # progress: every batch an arm's Ray Data execution answers
+        Watchdog(c.stall_timeout, "eval batch", stage="eval", autoscaling=c.autoscaling) as dog,
     ):
         for arm in arms:
             results[arm.name] = score_arm(
@@ -118,17 +121,18 @@ def evaluate(cfg: JobConfig) -> EvalArtifacts:
             )
         harness = None
         if ev.lm_eval:
-            harness = lm_eval.score_arms(
-                arms,
-                ev.lm_eval.tasks,
-                limit=ev.lm_eval.limit,
-                num_fewshot=ev.lm_eval.num_fewshot,
-                batch_size=ev.batch_size,
-                max_lora_rank=rank,
-                seed=ev.seed,
-                bootstrap_iters=ev.bootstrap_samples,
-                use_gpu=cfg.cluster.use_gpu,
-            )
+            with dog.paused():  # one long Ray task per arm: no progress to see until it ends
+                harness = lm_eval.score_arms(
+                    arms,
+                    ev.lm_eval.tasks,
+                    limit=ev.lm_eval.limit,
+                    num_fewshot=ev.lm_eval.num_fewshot,
+                    batch_size=ev.batch_size,
+                    max_lora_rank=rank,
+                    seed=ev.seed,
+                    bootstrap_iters=ev.bootstrap_samples,
+                    use_gpu=cfg.cluster.use_gpu,
+                )
 
     scores: dict[str, dict[str, np.ndarray]] = {}
     arm_report: dict[str, Any] = {}

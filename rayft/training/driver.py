@@ -14,6 +14,7 @@ from typing import Any
 
 from rayft import manifest, models
 from rayft.cluster.connect import local_cpus, ray_session
+from rayft.cluster.watchdog import Watchdog
 from rayft.config import JobConfig
 from rayft.errors import RayftError
 from rayft.training.artifacts import export_model, read_metrics, summarize, write_card
@@ -61,13 +62,16 @@ def train(cfg: JobConfig, resume: bool = False) -> TrainArtifacts:
 
     metrics_path = run_dir / "metrics.jsonl"
     session_start = time.time()  # this session's rows: metrics.jsonl may be rewritten
-    with ray_session(
-        cfg.cluster.address,
-        num_cpus=local_cpus(cfg.cluster.num_workers, cfg.cluster.cpus_per_worker),
+    with (
+        ray_session(
+            cfg.cluster.address,
+            num_cpus=local_cpus(cfg.cluster.num_workers, cfg.cluster.cpus_per_worker),
+        ),
+        _watchdog(cfg) as dog,
     ):
         splits = read_splits(data_dir, kind)
         trainer = _torch_trainer(cfg, splits, storage, run_dir, _worker_config(
-            cfg, facts, objective, kind, ds_config, "validation" in splits
+            cfg, facts, objective, kind, ds_config, "validation" in splits, dog.key
         ))  # fmt: skip
         print(
             f"[rayft train] {cfg.name}: {t.method} {objective} on {cfg.model.base}, "
@@ -125,9 +129,11 @@ def _worker_config(
     kind: str,
     ds_config: dict | None,
     has_val: bool,
+    progress: str | None = None,
 ) -> dict[str, Any]:
     """Plain values for the workers (the config object itself stays on the driver); the model
-    is built from `facts`, what run.json records as trained."""
+    is built from `facts`, what run.json records as trained; `progress` is the watchdog's key
+    that rank 0 beats on."""
     t, c = cfg.training, cfg.cluster
     save_steps = t.save_steps or t.max_steps
     hf: dict[str, Any] = {
@@ -182,6 +188,7 @@ def _worker_config(
         "hf": hf,
         "fault": _fault_from_env(),
         "tracking_env": _tracking_env(cfg),
+        "progress": progress,
     }
 
 
@@ -225,7 +232,7 @@ def _torch_trainer(cfg: JobConfig, splits: dict, storage: str, run_dir: Path, lo
         scaling_config=ScalingConfig(
             num_workers=c.num_workers,
             use_gpu=c.use_gpu,
-            resources_per_worker={"CPU": c.cpus_per_worker, **({"GPU": 1} if c.use_gpu else {})},
+            resources_per_worker=_worker_resources(c),
             placement_strategy=c.placement_strategy,
         ),
         run_config=RunConfig(
@@ -238,6 +245,26 @@ def _torch_trainer(cfg: JobConfig, splits: dict, storage: str, run_dir: Path, lo
         datasets=splits,
         # Same blocks to the same worker in the same order on every run: resume replays exactly.
         dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
+    )
+
+
+def _worker_resources(c) -> dict[str, float]:
+    return {"CPU": c.cpus_per_worker, **({"GPU": 1} if c.use_gpu else {})}
+
+
+def _watchdog(cfg: JobConfig) -> Watchdog:
+    """Stops a run whose workers take what the Ray Data tasks feeding them need (on a
+    cluster of 2 CPUs, 2 workers of 1 CPU each): steps come from rank 0's `beat`."""
+    c = cfg.cluster
+    return Watchdog(
+        c.stall_timeout,
+        "training step",
+        stage="train",
+        autoscaling=c.autoscaling,
+        holders={"the training workers' placement group": [_worker_resources(c)] * c.num_workers},
+        fix="fewer workers (cluster.num_workers) or a smaller cluster.cpus_per_worker, so that "
+        "the Ray Data tasks feeding the workers get CPUs of their own; or nodes with more of "
+        "what waits",
     )
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import ray.train
 from transformers import TrainerCallback
 
+from rayft.cluster.watchdog import beat
 from rayft.training.artifacts import read_metrics
 
 
@@ -37,7 +38,11 @@ class RayReport(TrainerCallback):
     """Report HF logs and checkpoints to Ray Train; optional fault injection for tests."""
 
     def __init__(
-        self, fault: dict[str, Any] | None = None, max_steps: int = 0, objective: str = "sft"
+        self,
+        fault: dict[str, Any] | None = None,
+        max_steps: int = 0,
+        objective: str = "sft",
+        progress: str | None = None,
     ) -> None:
         self.fault = fault or {}
         self.max_steps = max_steps
@@ -50,10 +55,15 @@ class RayReport(TrainerCallback):
         self.tokens0: int | None = None
         self.tokens_seen = 0
         self.rank = ray.train.get_context().get_world_rank()
+        # The driver's watchdog key (cluster.stall_timeout): rank 0 beats on its progress
+        # (model loaded, each step, each evaluation batch, each checkpoint).
+        self.progress = progress if self.rank == 0 else None
+        beat(self.progress)
         self.node_id = ray.get_runtime_context().get_node_id()
         self.device = _device_name()
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        beat(self.progress)
         self.engine = _engine(model)
         # HF has loaded the checkpoint's trainer state by now: a step above 0 is a resume.
         if state.global_step:
@@ -106,7 +116,11 @@ class RayReport(TrainerCallback):
             metrics.update(self.last, step=step)
         ray.train.report(metrics, **checkpoint)
 
+    def on_prediction_step(self, args, state, control, **kwargs):
+        beat(self.progress)
+
     def on_step_end(self, args, state, control, **kwargs):
+        beat(self.progress)
         kill = self.fault.get("sigkill")
         if kill and _fires(kill, state.global_step):
             # Let the controller collect the reports already queued in this worker first: a
@@ -115,6 +129,7 @@ class RayReport(TrainerCallback):
             os.kill(os.getpid(), signal.SIGKILL)
 
     def on_save(self, args, state, control, **kwargs):
+        beat(self.progress)
         step = state.global_step
         local = Path(args.output_dir) / f"checkpoint-{step}"
         name = checkpoint_dir_name(step)

@@ -12,6 +12,7 @@ import ray.train
 from torch.utils.data import DataLoader
 from torch.utils.data import IterableDataset as Stream
 
+from rayft.cluster.watchdog import beat
 from rayft.training.data import collator, endless_rows, features, one_pass
 from rayft.training.model import adapter_config, load_base
 from rayft.training.report import RayReport
@@ -32,6 +33,7 @@ def _train(config: dict[str, Any], output_dir: str) -> None:
     from transformers.trainer_callback import PrinterCallback
 
     objective, kind = config["objective"], config["kind"]
+    beat(config["progress"])  # the driver's watchdog: this worker started
     os.environ.update(config["tracking_env"])  # read by HF's tracker callbacks
     if config["ds_config"]:
         _join_deepspeed(config["use_gpu"])
@@ -82,7 +84,9 @@ def _train(config: dict[str, Any], output_dir: str) -> None:
         "eval_dataset": eval_ds,
         "processing_class": tokenizer,
         "peft_config": adapter_config(config["facts"]["method"], config["lora"]),
-        "callbacks": [RayReport(config.get("fault"), config["hf"]["max_steps"], objective)],
+        "callbacks": [
+            RayReport(config.get("fault"), config["hf"]["max_steps"], objective, config["progress"])
+        ],
     }
     if objective == "dpo":
         from trl import DPOTrainer
