@@ -172,7 +172,7 @@ SCHEMA = {
 
 def api_requests(limit: int) -> list[GenRequest]:
     """GenRequests at the extremes of what rayft's API accepts (parsed by its own rules, and
-    mapped as routes/completions.py maps them)."""
+    mapped by its own mapping, openai_api.gen_request)."""
     bodies = [
         {"temperature": 0, "top_p": 1, "max_tokens": 1, "seed": -(2**63)},
         {"temperature": 2, "top_p": 1e-9, "max_tokens": limit, "seed": 2**63 - 1},
@@ -203,27 +203,8 @@ def api_requests(limit: int) -> list[GenRequest]:
         req = oa.parse(cls, body, max_n=1, max_tokens_limit=limit)
         tokens = req.asked_tokens() or 16
         rf = req.response_format if chat else None
-        out.append(
-            GenRequest(
-                [1, 2],
-                tokens,
-                req.temperature,
-                req.top_p,
-                req.stops(),
-                None,
-                req.seed,
-                top_k=max(req.top_k, 0),
-                min_p=req.min_p,
-                presence_penalty=req.presence_penalty,
-                frequency_penalty=req.frequency_penalty,
-                repetition_penalty=req.repetition_penalty,
-                logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()},
-                logprobs=req.logprob_count(),
-                prompt_logprobs=None if chat or not req.echo else req.logprobs,
-                grammar=rf.grammar() if rf else None,
-                skip_special_tokens=not (chat and req.tools),
-            )
-        )
+        bias = {int(k): v for k, v in (req.logit_bias or {}).items()}
+        out.append(oa.gen_request(req, [1, 2], tokens, None, rf.grammar() if rf else None, bias))
     return out
 
 

@@ -31,7 +31,7 @@ from pydantic import (
 
 from rayft.config import ExperimentConfig
 from rayft.serving.errors import BadRequest
-from rayft.serving.protocol import SEED_RANGE
+from rayft.serving.protocol import SEED_RANGE, GenRequest
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -299,6 +299,40 @@ def parse(cls: type[M], body: Any, **limits: int) -> M:
                 f"Unrecognized request argument supplied: {param}", param, "unknown_parameter"
             ) from None
         raise BadRequest(f"{param or 'body'}: {msg}", param, "invalid_value") from None
+
+
+def gen_request(
+    req: ChatRequest | CompletionRequest,
+    ids: list[int],
+    max_tokens: int,
+    adapter=None,
+    grammar: dict | None = None,
+    bias: dict[int, float] | None = None,
+) -> GenRequest:
+    """The engines' request for one prompt of `req`: every sampling field of the API mapped
+    (the one mapping; tests/test_vllm_contract.py binds it to vLLM's SamplingParams)."""
+    echo_lps = isinstance(req, CompletionRequest) and req.echo and req.logprobs is not None
+    # Offered tools: a family's call markers may be special tokens, and the parser must see them.
+    tooled = isinstance(req, ChatRequest) and bool(req.tools) and req.tool_choice != "none"
+    return GenRequest(
+        ids,
+        max_tokens,
+        req.temperature,
+        req.top_p,
+        req.stops(),
+        adapter,
+        req.seed,
+        top_k=max(req.top_k, 0),
+        min_p=req.min_p,
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        repetition_penalty=req.repetition_penalty,
+        logit_bias=bias or {},
+        logprobs=req.logprob_count(),
+        prompt_logprobs=req.logprobs if echo_lps else None,
+        grammar=grammar,
+        skip_special_tokens=not tooled,
+    )
 
 
 def new_id(prefix: str) -> str:

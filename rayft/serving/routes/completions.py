@@ -169,36 +169,31 @@ def _plan(st: IngressState, target: Target, req, chat: bool) -> Plan:
             raise BadRequest(f"{param}: {e}", param, "invalid_schema") from None
     bias = _logit_bias(st, target.engine, req)
     plan.gens = [_gen_request(st, target, req, ids, grammar, bias) for ids in prompts]
-    if plan.tools:  # a family's call markers may be special tokens: the parser must see them
-        plan.gens = [replace(g, skip_special_tokens=False) for g in plan.gens]
     return plan
 
 
 def _prompt_ids(st: IngressState, engine: str, prompt) -> list[int]:
     if isinstance(prompt, str):
         return st.tokenizers[engine](prompt)["input_ids"]
-    vocab = st.vocab[engine]
-    bad = [t for t in prompt if not 0 <= t < vocab]
-    if bad:
-        raise BadRequest(
-            f"prompt: token id {bad[0]} is outside the vocabulary [0, {vocab})",
-            "prompt",
-            "invalid_value",
-        )
-    return list(prompt)
+    return _in_vocab(st, engine, list(prompt), "prompt")
 
 
 def _logit_bias(st: IngressState, engine: str, req) -> dict[int, float]:
-    vocab = st.vocab[engine]
     bias = {int(k): v for k, v in (req.logit_bias or {}).items()}
-    bad = [t for t in bias if not 0 <= t < vocab]
+    _in_vocab(st, engine, list(bias), "logit_bias")
+    return bias
+
+
+def _in_vocab(st: IngressState, engine: str, ids: list[int], param: str) -> list[int]:
+    vocab = st.vocab[engine]
+    bad = [t for t in ids if not 0 <= t < vocab]
     if bad:
         raise BadRequest(
-            f"logit_bias: token id {bad[0]} is outside the vocabulary [0, {vocab})",
-            "logit_bias",
+            f"{param}: token id {bad[0]} is outside the vocabulary [0, {vocab})",
+            param,
             "invalid_value",
         )
-    return bias
+    return ids
 
 
 def _gen_request(st: IngressState, target: Target, req, ids, grammar, bias) -> GenRequest:
@@ -214,25 +209,7 @@ def _gen_request(st: IngressState, target: Target, req, ids, grammar, bias) -> G
             "messages" if isinstance(req, oa.ChatRequest) else "prompt",
             "context_length_exceeded",
         )
-    echo_lps = isinstance(req, oa.CompletionRequest) and req.echo and req.logprobs is not None
-    return GenRequest(
-        ids,
-        max_tokens,
-        req.temperature,
-        req.top_p,
-        req.stops(),
-        target.adapter,
-        req.seed,
-        top_k=max(req.top_k, 0),
-        min_p=req.min_p,
-        presence_penalty=req.presence_penalty,
-        frequency_penalty=req.frequency_penalty,
-        repetition_penalty=req.repetition_penalty,
-        logit_bias=bias,
-        logprobs=req.logprob_count(),
-        prompt_logprobs=req.logprobs if echo_lps else None,
-        grammar=grammar,
-    )
+    return oa.gen_request(req, ids, max_tokens, target.adapter, grammar, bias)
 
 
 def nth_seed(seed: int | None, i: int) -> int | None:
