@@ -97,10 +97,7 @@ class Row:
             kth = torch.topk(probs, r.top_k).values[-1]
             probs = torch.where(probs >= kth, probs, 0.0)
         if r.top_p < 1.0:
-            sorted_p, order = torch.sort(probs, descending=True)
-            before = torch.cumsum(sorted_p, 0) - sorted_p  # mass of the better tokens
-            sorted_p = torch.where(before < r.top_p * sorted_p.sum(), sorted_p, 0.0)
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+            probs = top_p(probs, r.top_p)
         # Inverse-CDF draw with the row's own generator (torch.multinomial's checks over the
         # whole vocabulary cost several times more per row and step).
         cdf = torch.cumsum(probs, 0)
@@ -130,6 +127,22 @@ class Row:
             self.seen.add(token)
         if self.matcher is not None:
             self.matcher.accept(token)
+
+
+def top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
+    """`probs` with only the nucleus kept: a token stays while the mass of the better tokens is
+    below p of the total (vLLM's rule). The best k tokens are enough almost always: k grows
+    from 64 until they hold p of the mass, instead of sorting the whole vocabulary (49k: ~10 ms
+    a row and step on one core)."""
+    total, n, k = probs.sum(), probs.numel(), 64
+    while True:
+        k = min(k, n)
+        values, ids = torch.topk(probs, k)  # sorted, best first
+        if k == n or values.sum() >= p * total:
+            break
+        k = k * 4 if k * 16 <= n else n  # a flat distribution: sort it all at once
+    keep = (torch.cumsum(values, 0) - values) < p * total
+    return torch.zeros_like(probs).scatter_(0, ids[keep], values[keep])
 
 
 class Decoder:
