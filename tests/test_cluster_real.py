@@ -1,7 +1,8 @@
 """An existing Ray cluster, started the way users start one: `ray start --head` and `ray start
 --address` for a second node, separate processes, token authentication on, a private temp dir.
 On it: `cluster status`, the pre-flight refusing a CPU-starved training run and a node with
-another peft, `rayft submit` prepare -> train with the run dir on storage both nodes share, and
+another peft, `rayft submit` prepare -> train (a worker on each node) -> eval -> merge with the
+run dir on storage both nodes share, and
 `rayft jobs list/logs/stop/fetch`.
 
 Each node runs in a session of its own (own ports; the head's --temp-dir); teardown ends those
@@ -267,8 +268,12 @@ def test_submit_prepare_then_train_on_shared_storage_and_fetch(cluster, project,
     addr, env = cluster["dashboard"], {"RAY_AUTH_TOKEN": TOKEN}
     run_dir = Path(_run_dir(project))
     ids = {}
-    for stage in ("prepare", "train"):
-        done = _rayft("submit", "job.yaml", "--address", addr, "--", stage, cwd=project,
+    # Train on both nodes: two workers of one CPU spread over the 2 + 1 CPUs, the head's other
+    # CPU left to the Ray Data tasks that feed them (the pre-flight checks exactly this).
+    spread = ["--set", "cluster.num_workers=2", "--set", "cluster.placement_strategy=SPREAD"]
+    for stage in ("prepare", "train", "eval", "merge"):
+        sets = spread if stage == "train" else []
+        done = _rayft("submit", "job.yaml", "--address", addr, *sets, "--", stage, cwd=project,
                       timeout=600, **env)  # fmt: skip
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         assert "[rayft preflight] node " in done.stdout and "(head)" in done.stdout
@@ -278,7 +283,11 @@ def test_submit_prepare_then_train_on_shared_storage_and_fetch(cluster, project,
     assert json.loads((run_dir / "data" / "data_report.json").read_text())["rows_in"] == 24
     adapter = run_dir / "adapter"
     assert (adapter / "adapter_model.safetensors").stat().st_size > 0
-    assert json.loads((run_dir / "train_summary.json").read_text())["steps"] == 2
+    summary = json.loads((run_dir / "train_summary.json").read_text())
+    assert summary["steps"] == 2 and summary["num_workers"] == 2
+    assert len({w["node_id"] for w in summary["workers"]}) == 2  # one worker on each node
+    assert "adapter" in json.loads((run_dir / "eval" / "report.json").read_text())["arms"]
+    assert (run_dir / "merged" / "config.json").is_file()
 
     listed = _rayft("jobs", "list", "--address", addr, **env)
     assert listed.returncode == 0, listed.stderr
