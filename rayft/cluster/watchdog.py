@@ -110,8 +110,10 @@ class Watchdog:
         if self.timeout <= 0:
             return self
         self._main = threading.current_thread() is threading.main_thread()
-        if self._main and signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, signal.SIG_DFL):
-            # A process started in the background ignores SIGINT: nothing would stop the stage.
+        if self._main and signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            # A process started in the background ignores SIGINT, and Ray Train's fit leaves
+            # its own handler behind (it aborts that run's controller, long gone): either way
+            # nothing would stop the stage. Ray Train installs its handler again during fit.
             self._sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
         from ray.data import DataContext
 
