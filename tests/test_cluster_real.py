@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,18 +25,13 @@ from pathlib import Path
 
 import psutil
 import pytest
+from train_data import free_port
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 TOKEN = "rayft-test-token-6f1c0d2a9e8b47c5"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
@@ -56,7 +50,7 @@ def _ray_start(args: list[str], log: Path, **env: str) -> subprocess.Popen:
     ports = ["--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
              "--runtime-env-agent-port", "--metrics-export-port"]  # fmt: skip
     cmd = [str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1",
-           *args, *(f"{p}={_free_port()}" for p in ports), "--disable-usage-stats"]  # fmt: skip
+           *args, *(f"{p}={free_port()}" for p in ports), "--disable-usage-stats"]  # fmt: skip
     environ = _clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=TOKEN,
                          RAY_USAGE_STATS_ENABLED="0", **env)  # fmt: skip
     with log.open("w") as out:
@@ -108,10 +102,10 @@ def _wait(what: str, ready, logs: list[Path], timeout: float = 180) -> None:
 def cluster():
     """A head of 2 CPUs and a node of 1 CPU, token auth on, in a private temp dir."""
     temp = Path(tempfile.mkdtemp(prefix="rft", dir="/tmp"))  # short: socket paths are limited
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash = free_port(), free_port()
     head = _ray_start(
         ["--head", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         f"--ray-client-server-port={_free_port()}", "--num-cpus=2", f"--temp-dir={temp}"],
+         f"--ray-client-server-port={free_port()}", "--num-cpus=2", f"--temp-dir={temp}"],
         temp / "head.log",
     )  # fmt: skip
     started = [head]

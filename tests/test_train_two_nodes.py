@@ -8,13 +8,11 @@ can hold only one Ray connection) nor other clusters on the machine (its own fre
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from train_data import free_port, run_result_script
 
 pytestmark = pytest.mark.slow
 
@@ -52,27 +50,13 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data" / "support.jsonl"
 
 
 def test_prepare_then_train_on_two_nodes(tiny_model, tmp_path):
     lines = EXAMPLES.read_text().splitlines()[:80]
     (tmp_path / "support.jsonl").write_text("\n".join(lines) + "\n")
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(tmp_path), str(_free_port())],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
-    result = json.loads(line.removeprefix("RESULT "))
+    result = run_result_script(SCRIPT, str(tmp_path), str(free_port()), timeout=600)
     assert len(result["nodes"]) == 2
     assert sorted(w["node_id"] for w in result["workers"]) == result["nodes"]
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()

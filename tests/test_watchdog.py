@@ -9,16 +9,12 @@ Data task that would feed them waiting for a third.
 
 from __future__ import annotations
 
-import json
 import signal
-import socket
-import subprocess
-import sys
 import textwrap
 import time
 
 import pytest
-from train_data import write_sft
+from train_data import free_port, run_result_script, write_sft
 
 from rayft.cluster.watchdog import StalledError, Watchdog, beat, diagnose
 
@@ -156,24 +152,10 @@ STARVED = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_a_starved_training_run_stops_naming_the_cpu(tiny_model, tmp_path):
     write_sft(tmp_path, tiny_model, n_train=32, n_val=0)
-    proc = subprocess.run(
-        [sys.executable, "-c", STARVED, str(tmp_path), str(_free_port())],
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
-    result = json.loads(line.removeprefix("RESULT "))
+    result = run_result_script(STARVED, str(tmp_path), str(free_port()), timeout=400)
     error = result["error"]
     assert error and error.startswith("StalledError: train stalled: no training step for"), error
     stalled_for = float(error.split("no training step for ")[1].split(" s")[0])

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -162,3 +165,20 @@ def write_preference(run_dir: str | Path, n_train: int = 32, n_val: int = 8) -> 
     }
     (data / "data_report.json").write_text(json.dumps(report))
     return data
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_result_script(script: str, *args: str, timeout: int) -> dict:
+    """Run `script` in a fresh Python (its own Ray) and return the JSON it printed on its
+    `RESULT ` line; fails with the script's output when it did not succeed."""
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line.removeprefix("RESULT "))
