@@ -187,7 +187,7 @@ def test_routing_names(tmp_path):
 
     ref = AdapterRef("a1", "/x", "k")
     kw = dict(
-        base_alias="tiny-llama",
+        base_names=("base", "tiny-llama"),
         engines={"m1"},
         adapters={"a1": ref},
         experiments={"exp": {"arms": {"a1": 1.0}, "shadow": "base"}},

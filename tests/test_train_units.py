@@ -400,3 +400,21 @@ def test_validation_rows_are_read_once_when_they_fit():
     partial = _KeptRows(Source(), limit=2**20)
     next(iter(partial))  # a pass not read to its end is not kept
     assert list(partial) == first and Source.passes == 2
+
+
+def test_an_empty_validation_split_is_no_validation(ray_local, tmp_path):
+    """prepare writes `data.split.validation: 0` as a file of no rows; the trainers must not get
+    an empty validation set (DPO's fails on one)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rayft.training.data import read_splits
+
+    table = pa.table({"prompt": ['[{"role": "user", "content": "q"}]'] * 2,
+                      "chosen": ["a", "b"], "rejected": ["c", "d"]})  # fmt: skip
+    for split, rows in (("train", table), ("validation", table.slice(0, 0))):
+        (tmp_path / f"{split}.parquet").mkdir()
+        pq.write_table(rows, tmp_path / f"{split}.parquet" / "part-0.parquet")
+    assert set(read_splits(tmp_path, "preference")) == {"train"}
+    pq.write_table(table, tmp_path / "validation.parquet" / "part-1.parquet")
+    assert set(read_splits(tmp_path, "preference")) == {"train", "validation"}

@@ -42,6 +42,37 @@ class AutoscalingConfig(Section):
     )
 
 
+class FineTuningConfig(Section):
+    """OpenAI's files and fine-tuning jobs API on the serving app (rayft/serving/ft_jobs.py)."""
+
+    enabled: bool = Field(False, description="Serve /v1/files and /v1/fine_tuning/jobs.")
+    bases: list[str] = Field(
+        default_factory=list,
+        description="Served bases a job may fine-tune, by served name (empty: the base).",
+    )
+    max_running_jobs: int = Field(1, ge=1, description="Jobs running on the cluster at once.")
+    max_running_per_tenant: int = Field(
+        1, ge=1, description="Jobs one tenant has running at once; the rest wait `queued`."
+    )
+    max_file_mb: float = Field(100, gt=0, description="Largest file an upload may be (MB).")
+    max_rows: int = Field(100_000, ge=1, description="Most rows (JSONL lines) a file may have.")
+    max_epochs: int = Field(10, ge=1, description="Largest `n_epochs` a job may ask.")
+    max_batch_size: int = Field(64, ge=1, description="Largest `batch_size` a job may ask.")
+    max_learning_rate_multiplier: float = Field(
+        10, gt=0, description="Largest `learning_rate_multiplier` (times training.learning_rate)."
+    )
+    state: str | None = Field(
+        None,
+        description="Where uploaded files and job run dirs live (default <run_dir>/fine_tuning); "
+        "shared storage when jobs run on other nodes.",
+    )
+    database: str | None = Field(
+        None,
+        description="SQLAlchemy URL of the service's database (default: SQLite in `state`).",
+    )
+    poll_s: float = Field(2.0, gt=0, description="How often running jobs are checked (s).")
+
+
 class ServeConfig(Section):
     host: str = Field("127.0.0.1", description="Address the HTTP proxy binds.")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of the OpenAI-compatible API.")
@@ -55,6 +86,14 @@ class ServeConfig(Section):
     admin_key: str | None = Field(
         None,
         description="Admin key for /admin/* (adapters, experiments); env RAYFT_ADMIN_KEY wins.",
+    )
+    base_name: str | None = Field(
+        None,
+        description="The name /v1/models lists the base under (default: model.base, or its "
+        "directory's name when it is a path); `base` always works too.",
+    )
+    fine_tuning: FineTuningConfig = Field(
+        default_factory=FineTuningConfig, description="The fine-tuning service."
     )
     engine: Literal["transformers", "vllm"] = Field("transformers", description="Inference engine.")
     dora: Literal["native", "merge"] = Field(

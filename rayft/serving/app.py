@@ -20,6 +20,7 @@ from rayft.errors import RayftError
 from rayft.serving.ab import read_jsonl
 from rayft.serving.deploy import APP_NAME, delete_merged_apps, engine_deployment
 from rayft.serving.errors import ServeError
+from rayft.serving.ft_api import NAME
 from rayft.serving.merged import merge_adapter
 from rayft.serving.registry import Registry
 from rayft.serving.state import Settings
@@ -41,7 +42,7 @@ def _settings(cfg: JobConfig) -> Settings:
     dirs = {"base": base_dir}
     serve_dir = cfg.run_path.resolve() / "serve"
     linears = base_linears(base_dir)
-    registry = Registry(cfg.model.base)
+    registry = Registry(cfg.model.base, base_name=base_name(cfg))
     try:
         for name, path in s.models.items():
             where = f"serve.models.{name}"
@@ -79,10 +80,26 @@ def _settings(cfg: JobConfig) -> Settings:
     )
 
 
+def base_name(cfg: JobConfig) -> str:
+    """The base's served name: `serve.base_name`, else model.base as written (a registry name
+    or hub id), or the directory's name when model.base is a path."""
+    if cfg.serve.base_name:
+        return cfg.serve.base_name
+    base = cfg.model.base
+    if base.startswith(("/", ".", "~")) or Path(base).expanduser().is_dir():
+        return Path(base).expanduser().resolve().name
+    return base
+
+
 def tenant_keys(keys: dict[str, str]) -> dict[str, str]:
     """`serve.api_keys` with `env:VAR` values read from the environment."""
     out = {}
     for tenant, key in keys.items():
+        if not NAME.match(tenant):  # it becomes part of `ft:` model names
+            raise ServeConfigError(
+                f"serve.api_keys.{tenant}: a tenant name is 1 to 64 letters, digits, '.', '_' "
+                "or '-'"
+            )
         if key.startswith("env:"):
             var = key.removeprefix("env:")
             key = os.environ.get(var, "")
@@ -136,7 +153,9 @@ def start(cfg: JobConfig) -> str:
     from ray import serve
 
     registry = cfg.run_path / "serve" / "adapters.json"
-    registry.unlink(missing_ok=True)  # admin loads of an earlier `rayft serve` are not revived
+    # Admin loads of an earlier `rayft serve` are not revived, unless the fine-tuning service
+    # keeps them in its database (there they are the record of what is served).
+    registry.unlink(missing_ok=True)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     delete_merged_apps()  # nor are their merged deployments (left by a crash)
     serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")

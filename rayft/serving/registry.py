@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rayft.serving.errors import BadRequest, NotFound
 from rayft.serving.protocol import AdapterRef
-from rayft.serving.routing import Target, resolve
+from rayft.serving.routing import Target, resolve, unknown_model
 
 
 @dataclass
@@ -28,6 +28,11 @@ class Registry:
     merged: dict[str, dict] = field(default_factory=dict)
     experiments: dict[str, dict] = field(default_factory=dict)  # name -> {"arms", "shadow"}
     path: Path | None = None  # where the state is persisted; None: not persisted
+    base_name: str | None = None  # the base's served name (`serve.base_name`), beside the alias
+    # adapter name -> the tenant whose fine-tuning job made it: only that tenant sees it (and
+    # the experiments the admin makes of it). Adapters not listed are everyone's.
+    owners: dict[str, str] = field(default_factory=dict)
+    store: object | None = None  # the fine-tuning service's database (ft_store.Store), if any
 
     # ------------------------------------------------------------------ names
 
@@ -37,7 +42,7 @@ class Registry:
 
     def holder(self, name: str) -> str | None:
         """What `name` means now ("the base model", "a model", ...), or None if it is free."""
-        if name in ("base", self.base_alias):
+        if name in self.base_names():
             return "the base model"
         if name in self.models:
             return "a model"
@@ -55,16 +60,33 @@ class Registry:
                 f"name {name!r} is taken by {holder}; pick another for the {what}", "name"
             )
 
-    def route(self, model: str, user: str | None) -> tuple[Target, Target | None]:
-        """(the target that answers, the shadow target or None) for a request's `model`."""
+    def base_names(self) -> tuple[str, ...]:
+        return tuple(n for n in ("base", self.base_alias, self.base_name) if n)
+
+    def route(
+        self, model: str, user: str | None, tenant: str | None = None
+    ) -> tuple[Target, Target | None]:
+        """(the target that answers, the shadow target or None) for a request's `model`;
+        a tenant's own fine-tuned models are unknown to every other tenant."""
+        owner = self.owners.get(model.removeprefix("base:"))
+        if owner is not None and owner != (tenant or "default"):  # an open API is `default`
+            raise unknown_model(model)  # answered exactly as a name nobody serves
         return resolve(
             model,
-            self.base_alias,
+            self.base_names(),
             self.engines() - {"base"},
             self.adapters,
             self.experiments,
             user,
         )
+
+    def visible(self, tenant: str | None) -> list[tuple[str, str]]:
+        """(name, owner) of every name `tenant` may use (None: every name), for /v1/models:
+        the base under its own name and as `base`, models, adapters, experiments."""
+        names = [*(n for n in (self.base_name, "base") if n), *sorted(self.engines() - {"base"})]
+        names += [*sorted(self.adapters), *sorted(self.experiments)]
+        owned = [(n, self.owners.get(n)) for n in names]
+        return [(n, o or "rayft") for n, o in owned if o is None or tenant in (None, o)]
 
     def arms_of(self, adapter: str) -> list[str]:
         """Experiments that route traffic (answers or shadow copies) to `adapter`."""
@@ -103,6 +125,7 @@ class Registry:
                 f"adapter {name!r} is an arm of experiment(s) {users}; delete those first", "name"
             )
         self.adapters.pop(name, None)
+        self.owners.pop(name, None)
         return self.merged.pop(name, None)
 
     def add_experiment(self, name: str, arms: dict[str, float], shadow: str | None) -> None:
@@ -137,13 +160,17 @@ class Registry:
     # ------------------------------------------------------------------ persistence
 
     def save(self) -> None:
-        if self.path is None:
-            return
         data = {
             "adapters": {n: vars(a) for n, a in self.adapters.items()},
             "experiments": self.experiments,
             "merged": self.merged,
+            "owners": self.owners,
         }
+        if self.store is not None:
+            self.store.save_registry(data)  # type: ignore[attr-defined]
+            return
+        if self.path is None:
+            return
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(data, indent=2))
         tmp.replace(self.path)
@@ -151,9 +178,15 @@ class Registry:
     def restore(self) -> bool:
         """Take the persisted state (the whole state: unloads of configured names included);
         False when nothing was persisted."""
-        if self.path is None or not self.path.exists():
+        if self.store is not None:
+            saved = self.store.load_registry()  # type: ignore[attr-defined]
+            if saved is None:
+                return False
+        elif self.path is None or not self.path.exists():
             return False
-        saved = json.loads(self.path.read_text())
+        else:
+            saved = json.loads(self.path.read_text())
+        self.owners = saved.get("owners", {})
         self.adapters = {n: AdapterRef(**a) for n, a in saved["adapters"].items()}
         self.experiments = saved["experiments"]
         self.merged = saved.get("merged", {})

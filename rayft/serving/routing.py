@@ -19,7 +19,7 @@ class Target:
 
 def resolve(
     model: str,
-    base_alias: str,
+    base_names: tuple[str, ...],
     engines: set[str],
     adapters: dict[str, AdapterRef],
     experiments: dict[str, dict],
@@ -29,30 +29,34 @@ def resolve(
     if model in experiments:
         exp = experiments[model]
         arm = assign(model, exp["arms"], user)
-        answer = _direct(arm, base_alias, engines, adapters)
+        answer = _direct(arm, base_names, engines, adapters)
         shadow = exp.get("shadow")
-        shadow_t = _direct(shadow, base_alias, engines, adapters) if shadow else None
+        shadow_t = _direct(shadow, base_names, engines, adapters) if shadow else None
         return (
             Target(answer.engine, answer.adapter, arm, model),
             Target(shadow_t.engine, shadow_t.adapter, shadow, model) if shadow_t else None,
         )
-    return _direct(model, base_alias, engines, adapters), None
+    return _direct(model, base_names, engines, adapters), None
 
 
 def _direct(
-    model: str, base_alias: str, engines: set[str], adapters: dict[str, AdapterRef]
+    model: str, base_names: tuple[str, ...], engines: set[str], adapters: dict[str, AdapterRef]
 ) -> Target:
-    if model in ("base", base_alias):
+    if model in base_names:
         return Target("base", None, "base")
     if model in engines:
         return Target(model, None, model)
     name = model
-    for prefix in ("base:", f"{base_alias}:"):
+    for prefix in (f"{b}:" for b in base_names):
         if model.startswith(prefix):
             name = model[len(prefix) :]
     if name in adapters:
         return Target("base", adapters[name], name)
-    raise NotFound(
+    raise unknown_model(model)
+
+
+def unknown_model(model: str) -> NotFound:
+    return NotFound(
         f"The model {model!r} does not exist; GET /v1/models lists what this server answers",
         "model",
         "model_not_found",

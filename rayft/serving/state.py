@@ -4,6 +4,7 @@ request log and metrics. One object per ingress replica, built in its constructo
 from __future__ import annotations
 
 import asyncio
+import copy
 import hmac
 import json
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from ray.serve.handle import DeploymentHandle
 
 from rayft.config import JobConfig
 from rayft.serving.ab import JsonlLog
-from rayft.serving.errors import BadRequest, Unauthorized
+from rayft.serving.errors import BadRequest, NotFound, Unauthorized
 from rayft.serving.metrics import Metrics
 from rayft.serving.registry import Registry
 
@@ -52,13 +53,25 @@ class IngressState:
         serve_dir = Path(settings.serve_dir)
         self.requests = JsonlLog(serve_dir / "requests.jsonl")
         self.feedback = JsonlLog(serve_dir / "feedback.jsonl")
-        self.registry = settings.registry
+        # A copy: Serve scans the constructor's arguments after it ran (they must stay picklable,
+        # and the database handle is not).
+        self.registry = copy.deepcopy(settings.registry)
         self.registry.path = serve_dir / "adapters.json"
+        self.ft = None  # the fine-tuning service (serve.fine_tuning.enabled)
+        if settings.job.serve.fine_tuning.enabled:
+            from rayft.serving.ft_jobs import Service
+
+            self.ft = Service(settings.job, settings.registry.base_name or "base")
+            self.registry.store = self.ft.store  # what the admin API loads outlives restarts
         configured = dict(self.registry.merged)
         if self.registry.restore():  # admin changes outlive an ingress restart
             for name in set(configured) - set(self.registry.merged):  # configured, unloaded
                 self.drop_model(name)
-            for name, m in self.registry.merged.items():
+            running = set(serve.status().applications) if self.ft else None
+            for name, m in list(self.registry.merged.items()):
+                if running is not None and m["app"] is not None and m["app"] not in running:
+                    self.registry.merged.pop(name)  # a restarted server: load it again
+                    continue
                 if m["app"] is not None:  # admin-loaded: its own application, still running
                     self.engines[name] = serve.get_deployment_handle(
                         f"engine-{name}", app_name=m["app"]
@@ -91,6 +104,23 @@ class IngressState:
                 code="invalid_api_key",
             )
         return tenant
+
+    def tenant(self, request: Request) -> str | None:
+        """Whose files and jobs a fine-tuning request sees: its tenant (`default` on an open
+        API), or None, every tenant's, for the admin key."""
+        if self.s.admin_key is not None:
+            given = request.headers.get("authorization", "").encode()
+            if hmac.compare_digest(given, f"Bearer {self.s.admin_key}".encode()):
+                return None
+        return self.auth(request) or "default"
+
+    def fine_tuning(self):
+        if self.ft is None:
+            raise NotFound(
+                "Fine-tuning is off on this server: set serve.fine_tuning.enabled: true",
+                code="fine_tuning_disabled",
+            )
+        return self.ft
 
     def admin(self, request: Request) -> None:
         # No admin key means no admin API: loading code-adjacent files must never be open.

@@ -58,11 +58,19 @@ def read_splits(data_dir: Path, kind: str) -> dict[str, Any]:
     out = {}
     for split in ("train", "validation"):
         path = split_path(data_dir, split, packed)
-        if not path.exists() or not any(path.glob("*.parquet")):
+        # prepare writes an empty split (data.split.validation: 0) as one file of no rows: a
+        # validation set of none is no validation set (DPO's trainer fails on one)
+        if not path.exists() or not sum(_rows_in(f) for f in path.glob("*.parquet")):
             continue
         read_cols = columns if packed or kind != "sft" else ["input_ids", "labels"]
         out[split] = ray.data.read_parquet(str(path), columns=read_cols)
     return out
+
+
+def _rows_in(parquet: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(parquet).metadata.num_rows
 
 
 def features(kind: str):

@@ -55,7 +55,7 @@ async def complete(st: IngressState, request: Request, chat: bool) -> Response:
     tenant = st.auth(request)
     shape = oa.ChatRequest if chat else oa.CompletionRequest
     req = oa.parse(shape, await st.body(request), **st.limits)
-    target, shadow = st.registry.route(req.model, req.user)
+    target, shadow = st.registry.route(req.model, req.user, tenant)
     plan = _plan(st, target, req, chat)
     plan.tenant = tenant
     rid = oa.new_id("chatcmpl" if chat else "cmpl")

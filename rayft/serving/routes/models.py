@@ -10,10 +10,9 @@ router = APIRouter()
 
 @router.get("/v1/models")
 async def list_models(request: Request, st: State) -> dict:
-    st.auth(request)
-    r = st.registry
-    names = ["base", *sorted(r.engines() - {"base"}), *sorted(r.adapters), *sorted(r.experiments)]
+    tenant = st.auth(request)
+    names = st.registry.visible(tenant or "default")
     return {
         "object": "list",
-        "data": [{"id": n, "object": "model", "created": 0, "owned_by": "rayft"} for n in names],
+        "data": [{"id": n, "object": "model", "created": 0, "owned_by": o} for n, o in names],
     }

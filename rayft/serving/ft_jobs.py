@@ -1,0 +1,344 @@
+"""The fine-tuning service: files and jobs in the database, each job a Ray job on the cluster
+that serves (`ft_runner`: the CLI's prepare + train on a job file derived from the request).
+
+A job moves `validating_files` (its rows checked by prepare's row rules, here) -> `queued`
+(until `serve.fine_tuning.max_running_jobs` and the tenant's own limit allow it) -> `running`
+(the Ray job; `ft_progress` turns what it writes into events and checkpoints) -> `succeeded`
+(its adapter served as `ft:<base>:<tenant>:<suffix>:<job-id>`), `failed` or `cancelled`. The
+database is the record: after a restart every job is still there and `tick` picks up where it
+was, reconciling running jobs from Ray's job status.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import yaml
+
+from rayft.config import JobConfig
+from rayft.serving import ft_progress
+from rayft.serving.errors import BadRequest, NotFound
+from rayft.serving.ft_api import TERMINAL, JobCreate
+from rayft.serving.ft_files import check_filename, check_rows, store_upload
+from rayft.serving.ft_store import Store, default_url, new_id
+
+RUNNING = ("running",)
+WAITING = ("validating_files", "queued")
+
+
+class Service:
+    def __init__(self, job: JobConfig, base_name: str, dashboard: str | None = None):
+        ft = job.serve.fine_tuning
+        self.job, self.ft, self.base_name = job, ft, base_name
+        self.state = Path(ft.state or job.run_path / "fine_tuning").resolve()
+        self.state.mkdir(parents=True, exist_ok=True)
+        self.store = Store(ft.database or default_url(self.state))
+        self.dashboard = dashboard
+        self._client = None
+
+    # ------------------------------------------------------------------ files
+
+    def add_file(self, tenant: str, filename: str | None, purpose: str, src: BinaryIO) -> dict:
+        if purpose != "fine-tune":
+            raise BadRequest(
+                f"purpose {purpose!r} is not offered: this server takes `fine-tune` files",
+                "purpose",
+                "invalid_purpose",
+            )
+        name = check_filename(filename)
+        file_id = new_id("files")
+        path = self.state / "files" / f"{file_id}.jsonl"
+        size, rows = store_upload(src, path, int(self.ft.max_file_mb * 1e6), self.ft.max_rows)
+        return self.store.add(
+            "files", id=file_id, tenant=tenant, filename=name, purpose=purpose, bytes=size,
+            rows=rows, path=str(path),
+        )  # fmt: skip
+
+    def file(self, tenant: str | None, file_id: str) -> dict:
+        row = self.store.get("files", file_id, tenant)
+        if row is None:
+            raise NotFound(f"No such file: {file_id}", "file_id", "file_not_found")
+        return row
+
+    def delete_file(self, tenant: str | None, file_id: str) -> None:
+        row = self.file(tenant, file_id)
+        users = [
+            j["id"]
+            for j in self.store.where("jobs", "status", [*WAITING, *RUNNING])
+            if file_id in (j["training_file"], j["validation_file"])
+        ]
+        if users:
+            raise BadRequest(
+                f"file {file_id} is in use by job(s) {users}; delete it when they end",
+                "file_id",
+                "file_in_use",
+            )
+        self.store.delete("files", file_id)
+        Path(row["path"]).unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ jobs
+
+    def create(self, tenant: str, req: JobCreate) -> dict:
+        if req.model not in (self.base_name, "base", self.job.model.base):
+            raise BadRequest(
+                f"model {req.model!r} cannot be fine-tuned here: this server fine-tunes "
+                f"{self.base_name!r} (continuing from a fine-tuned model is not offered)",
+                "model",
+                "model_not_available",
+            )
+        if self.ft.bases and self.base_name not in self.ft.bases:
+            raise BadRequest(
+                f"fine-tuning {self.base_name!r} is not enabled (serve.fine_tuning.bases)",
+                "model",
+                "model_not_available",
+            )
+        try:
+            hyper = req.hyper()
+        except ValueError as e:
+            raise BadRequest(str(e), "hyperparameters", "invalid_value") from None
+        self._bounds(hyper)
+        files = {"training_file": req.training_file}
+        if req.validation_file:
+            files["validation_file"] = req.validation_file
+        rows = {}
+        for param, file_id in files.items():
+            row = self.store.get("files", file_id, tenant)
+            if row is None or row["purpose"] != "fine-tune":
+                raise BadRequest(
+                    f"{param}: no fine-tune file {file_id!r} (upload it with purpose fine-tune)",
+                    param,
+                    f"invalid_{param}",
+                )
+            rows[param] = row
+        job_id = new_id("jobs")
+        job_dir = self.state / "jobs" / job_id
+        kind = req.kind()
+        method = {"type": kind, kind: {"hyperparameters": hyper}}
+        seed = req.seed if req.seed is not None else random.randrange(2**31)
+        self._write_job_dir(job_dir, job_id, rows, hyper, kind, seed)
+        self.store.add(
+            "jobs", id=job_id, tenant=tenant, model=self.base_name,
+            training_file=req.training_file, validation_file=req.validation_file,
+            suffix=req.suffix, seed=seed, metadata=req.metadata, method=method,
+            status="validating_files", result_files=[], run_dir=str(job_dir / "run"),
+            metrics_read=0,
+        )  # fmt: skip
+        self.event(job_id, f"Validating training file: {req.training_file}")
+        return self.get(tenant, job_id)
+
+    def _bounds(self, hyper: dict[str, Any]) -> None:
+        limits = {
+            "n_epochs": self.ft.max_epochs,
+            "batch_size": self.ft.max_batch_size,
+            "learning_rate_multiplier": self.ft.max_learning_rate_multiplier,
+        }
+        for key, most in limits.items():
+            if hyper[key] != "auto" and hyper[key] > most:
+                raise BadRequest(
+                    f"hyperparameters.{key}={hyper[key]} is above this server's limit of {most} "
+                    f"(serve.fine_tuning.max_{key if key != 'n_epochs' else 'epochs'})",
+                    f"hyperparameters.{key}",
+                    "invalid_value",
+                )
+
+    def _write_job_dir(self, job_dir: Path, job_id: str, files: dict, hyper: dict,
+                       kind: str, seed: int) -> None:  # fmt: skip
+        data = job_file(self.job, job_id, job_dir / "run", files, hyper, kind, seed)
+        job_dir.mkdir(parents=True)
+        (job_dir / "job.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+        request = {
+            "files": {r["path"]: [param, r["id"]] for param, r in files.items()},
+            "n_epochs": None if hyper["n_epochs"] == "auto" else hyper["n_epochs"],
+        }
+        (job_dir / "request.json").write_text(json.dumps(request))
+
+    def get(self, tenant: str | None, job_id: str) -> dict:
+        row = self.store.get("jobs", job_id, tenant)
+        if row is None:
+            raise NotFound(f"No such fine-tuning job: {job_id}", "fine_tuning_job_id", "not_found")
+        return row
+
+    def cancel(self, tenant: str | None, job_id: str) -> dict:
+        row = self.get(tenant, job_id)
+        if row["status"] in TERMINAL:
+            raise BadRequest(
+                f"job {job_id} has {row['status']} already; only a job that has not ended can be "
+                "cancelled",
+                "fine_tuning_job_id",
+                "invalid_state",
+            )
+        if row["status"] == "running":  # what it wrote stays in its run dir
+            ft_progress.stop(self.client(), row["ray_job"])
+        self.finish(row, "cancelled")
+        self.event(job_id, "Job cancelled by the user")
+        return self.get(tenant, job_id)
+
+    def event(self, job_id: str, message: str, level: str = "info", **data: Any) -> None:
+        kind = "metrics" if data else "message"
+        self.store.add(
+            "events", job_id=job_id, level=level, message=message, type=kind, data=data or None
+        )
+
+    def finish(self, row: dict, status: str, **values: Any) -> None:
+        self.store.update(
+            "jobs", row["id"], status=status, finished_at=int(time.time()), estimated_finish=None,
+            **values,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ the loop's steps
+
+    def client(self):
+        if self._client is None:
+            from ray.job_submission import JobSubmissionClient
+
+            self._client = JobSubmissionClient(self.dashboard)
+        return self._client
+
+    def validate(self) -> None:
+        """Check the files of jobs that wait in `validating_files`; queue or fail them."""
+        for row in self.store.where("jobs", "status", ["validating_files"]):
+            error = None
+            for param in ("training_file", "validation_file"):
+                if row[param] is None:
+                    continue
+                f = self.store.get("files", row[param])
+                if f is None:
+                    error = {"code": f"invalid_{param}", "param": param,
+                             "message": f"{row[param]} was deleted"}  # fmt: skip
+                else:
+                    error = check_rows(Path(f["path"]), f["id"], param, row["method"]["type"])
+                if error:
+                    break
+            if self.store.get("jobs", row["id"])["status"] != "validating_files":
+                continue  # cancelled meanwhile
+            if error:
+                self.finish(row, "failed", error=error)
+                self.event(row["id"], f"Job failed: {error['message']}", "error")
+            else:
+                self.store.update("jobs", row["id"], status="queued")
+                self.event(row["id"], "Files validated, moving job to queued state")
+
+    def start_queued(self) -> None:
+        running = self.store.where("jobs", "status", ["running"])
+        per_tenant: dict[str, int] = {}
+        for r in running:
+            per_tenant[r["tenant"]] = per_tenant.get(r["tenant"], 0) + 1
+        for row in self.store.where("jobs", "status", ["queued"]):
+            if len(running) >= self.ft.max_running_jobs:
+                return
+            if per_tenant.get(row["tenant"], 0) >= self.ft.max_running_per_tenant:
+                continue
+            submission = self.submit(row)
+            self.store.update(
+                "jobs", row["id"], status="running", ray_job=submission,
+                started_at=int(time.time()),
+            )  # fmt: skip
+            self.event(row["id"], "Fine-tuning job started")
+            running.append(row)
+            per_tenant[row["tenant"]] = per_tenant.get(row["tenant"], 0) + 1
+
+    def submit(self, row: dict) -> str:
+        job_dir = Path(row["run_dir"]).parent
+        c = self.job.cluster
+        # The interpreter that runs this server runs the job, unless the job file names one.
+        python = shlex.split(c.python) if c.python != "python" else [sys.executable]
+        # Its env_vars never repeat the stages' own ray.init's (Ray refuses such a job).
+        runtime_env = dict(c.runtime_env)
+        return self.client().submit_job(
+            entrypoint=shlex.join([*python, "-m", "rayft.serving.ft_runner", str(job_dir)]),
+            submission_id=f"rayft-{row['id']}-{int(time.time())}",
+            runtime_env=runtime_env,
+            metadata={
+                "rayft": "1",
+                "stage": "fine_tuning",
+                "job": row["id"],
+                "tenant": row["tenant"],
+                "run_dir": row["run_dir"],
+            },  # fmt: skip
+        )
+
+
+def job_file(
+    job: JobConfig, job_id: str, run_dir: Path, files: dict[str, dict], hyper: dict[str, Any],
+    kind: str, seed: int,
+) -> dict[str, Any]:  # fmt: skip
+    """The job file of one fine-tuning job: the server's own job file (model, data rules,
+    training defaults, cluster) with the request's files and hyperparameters. Nothing else of
+    the request reaches it: no paths, no config keys."""
+    cfg = job.model_dump(mode="json", exclude={"serve", "eval", "export"})
+    cfg["name"], cfg["run_dir"] = job_id, str(run_dir)
+    d = cfg["data"]
+    d["train_files"] = [files["training_file"]["path"]]
+    d["validation_files"] = [files["validation_file"]["path"]] if "validation_file" in files else []
+    d["test_files"] = []
+    d["split"] = {**d["split"], "validation": 0.0, "test": 0.0}  # OpenAI trains on every row
+    d["on_error"] = "fail"  # a bad row fails the job (its first bad line is the job's error)
+    d["format"] = "auto"
+    t = cfg["training"]
+    t["seed"] = seed
+    t["objective"] = "dpo" if kind == "dpo" else "sft"
+    if "validation_file" not in files:
+        t["eval_steps"] = None
+    if hyper["learning_rate_multiplier"] != "auto":
+        t["learning_rate"] = t["learning_rate"] * hyper["learning_rate_multiplier"]
+    if hyper.get("beta", "auto") != "auto":
+        t["dpo_beta"] = hyper["beta"]
+    if hyper["batch_size"] != "auto":  # examples per optimizer step, over every worker
+        workers = cfg["cluster"]["num_workers"]
+        if hyper["batch_size"] % workers:
+            raise BadRequest(
+                f"hyperparameters.batch_size={hyper['batch_size']} is not a multiple of the "
+                f"server's {workers} training workers",
+                "hyperparameters.batch_size",
+                "invalid_value",
+            )
+        t["per_device_batch_size"] = 1
+        t["gradient_accumulation_steps"] = hyper["batch_size"] // workers
+    cfg["cluster"]["address"] = None  # the Ray job's own cluster (RAY_ADDRESS)
+    return cfg
+
+
+def tick(svc: Service) -> list[dict]:
+    """One round of the loop: validate waiting files, follow running jobs, start queued ones.
+    Returns the jobs whose training succeeded and whose model is to be served now."""
+    svc.validate()
+    done = []
+    for row in svc.store.where("jobs", "status", ["running"]):
+        state, message = ft_progress.ray_status(svc.client(), row["ray_job"])
+        ft_progress.progress(svc, row)
+        if state == "SUCCEEDED":
+            done.append(svc.get(None, row["id"]))
+        elif state in ("FAILED", "LOST"):
+            error = ft_progress.error_of(Path(row["run_dir"]).parent, message)
+            svc.finish(row, "failed", error=error)
+            svc.event(row["id"], f"Job failed: {error['message']}", "error")
+        elif state == "STOPPED":  # stopped outside the API (`ray job stop`)
+            svc.finish(row, "cancelled")
+            svc.event(row["id"], "Job cancelled: its Ray job was stopped")
+    svc.start_queued()
+    return done
+
+
+def succeed(svc: Service, row: dict, served_as: str) -> None:
+    """Record a job whose model is served now: result file, tokens, status and events."""
+    run_dir = Path(row["run_dir"])
+    rows = ft_progress.read_rows(run_dir)
+    result_id = new_id("files")
+    path = svc.state / "files" / f"{result_id}.csv"
+    path.write_text(ft_progress.results_csv(rows))
+    svc.store.add(
+        "files", id=result_id, tenant=row["tenant"], filename="step_metrics.csv",
+        purpose="fine-tune-results", bytes=path.stat().st_size, rows=len(rows), path=str(path),
+    )  # fmt: skip
+    svc.finish(
+        row, "succeeded", fine_tuned_model=served_as, result_files=[result_id],
+        trained_tokens=ft_progress.trained_tokens(run_dir),
+    )  # fmt: skip
+    svc.event(row["id"], f"New fine-tuned model created: {served_as}")
+    svc.event(row["id"], "The job has successfully completed")
