@@ -290,18 +290,42 @@ def test_cancel_a_running_job(server):
 
 
 def test_restart_in_the_middle_of_a_job(server):
+    """A job running when `rayft serve` stops goes on on the cluster; the restarted server lists
+    every job, finishes this one and serves its model, the earlier ones' and what the admin API
+    loaded (adapters, experiments: kept in the service's database)."""
+    import requests
+
     c = server.client("acme")
     f = _upload(c, SUPPORT)
     job = c.fine_tuning.jobs.create(training_file=f.id, model="tiny-llama", suffix="again")
+    waiting = c.fine_tuning.jobs.create(training_file=f.id, model="tiny-llama")
     _wait_job(c, job.id, ("running",), timeout=120)
+    assert _wait_job(c, waiting.id, ("queued",), timeout=30).status == "queued"  # 1 at a time
+    assert c.fine_tuning.jobs.cancel(waiting.id).status == "cancelled"
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    first = server.state["model"]
+    adapter = Path(server.job.parent) / "run/fine_tuning/jobs" / server.state["job"] / "run"
+    loads = [
+        ("adapters", {"name": "support-admin", "path": str(adapter)}),
+        ("experiments", {"name": "exp", "arms": {"base": 1, first: 1}}),
+    ]
+    for what, body in loads:
+        r = requests.post(f"{server.url}/admin/{what}", json=body, headers=admin, timeout=120)
+        assert r.status_code == 200, r.text
     server.stop()  # the Ray job goes on on the cluster
     server.start()
     c = server.client("acme")
-    assert {server.state["job"], job.id} <= {j.id for j in c.fine_tuning.jobs.list()}
+    assert {server.state["job"], job.id, waiting.id} <= {j.id for j in c.fine_tuning.jobs.list()}
     job = _wait_job(c, job.id, ("succeeded", "failed"))
     assert job.status == "succeeded", job.error
-    for name in (job.fine_tuned_model, server.state["model"]):  # both served again
-        r = c.chat.completions.create(
+    assert c.fine_tuning.jobs.retrieve(waiting.id).status == "cancelled"
+    for name in (job.fine_tuned_model, first, "support-admin", "exp"):  # all served again
+        r = c.chat.completions.with_raw_response.create(
             model=name, messages=[{"role": "user", "content": "hi"}], max_tokens=2
         )
-        assert r.choices[0].message.content is not None
+        assert r.parse().choices[0].message.content is not None
+    globex = server.client("globex")
+    with pytest.raises(openai.NotFoundError):  # still acme's alone
+        globex.chat.completions.create(
+            model=job.fine_tuned_model, messages=[{"role": "user", "content": "hi"}], max_tokens=2
+        )

@@ -528,3 +528,32 @@ def test_engine_stops_at_every_end_token_the_model_declares(tiny_model, tmp_path
     ended = TransformersEngine(str(model)).generate([GenRequest(ids, 8, 0.0)])[0]
     assert ended.finish_reason == "stop" and ended.completion_tokens < 8
     assert plain.text.startswith(ended.text) and len(ended.text) < len(plain.text)
+
+
+def test_an_adapter_is_served_only_with_the_template_it_was_trained_with(tiny_model, tmp_path):
+    """run.json's train facts name the chat template and end of turn; a base that renders
+    prompts otherwise is refused with the reason (not found out as rambling answers)."""
+    from transformers import AutoTokenizer
+
+    from rayft.adapters import AdapterError
+    from rayft.serving.ft_loop import check_template
+    from rayft.training.facts import tokenizer_facts
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    facts = {"tokenizer": tokenizer_facts(Path(tiny_model), tmp_path)}
+
+    def record(tokenizer_facts: dict) -> None:
+        run = {"stages": {"train": {"facts": {"tokenizer": tokenizer_facts}}}}
+        (tmp_path / "run.json").write_text(json.dumps(run))
+
+    check_template(tmp_path, tok)  # nothing recorded: an older run passes ...
+    with pytest.raises(AdapterError, match="no train facts"):
+        check_template(tmp_path, tok, required=True)  # ... a fine-tuning job's may not
+    record(facts["tokenizer"])
+    check_template(tmp_path, tok, required=True)
+    record({**facts["tokenizer"], "chat_template_sha256": "0" * 64})
+    with pytest.raises(AdapterError, match="chat template"):
+        check_template(tmp_path, tok)
+    record({**facts["tokenizer"], "end_of_turn_ids": [*facts["tokenizer"]["end_of_turn_ids"], 7]})
+    with pytest.raises(AdapterError, match="does not stop at"):
+        check_template(tmp_path, tok)

@@ -72,6 +72,16 @@ class FineTuningConfig(Section):
     )
     poll_s: float = Field(2.0, gt=0, description="How often running jobs are checked (s).")
 
+    @field_validator("state")
+    @classmethod
+    def _local_state(cls, v: str | None) -> str | None:
+        if v is not None and "://" in v:
+            raise ValueError(
+                "serve.fine_tuning.state must be a directory (a shared mount where jobs run on "
+                "other nodes): object storage is not supported for the service's state yet"
+            )
+        return v
+
 
 class ServeConfig(Section):
     host: str = Field("127.0.0.1", description="Address the HTTP proxy binds.")

@@ -63,6 +63,8 @@ def _settings(cfg: JobConfig) -> Settings:
             registry.add_experiment(name, exp.arms, exp.shadow)
     except (ServeError, AdapterError) as e:
         raise ServeConfigError(f"{where}: {e.message}") from None
+    if s.fine_tuning.enabled:
+        _check_fine_tuning(cfg, kinds)
     api_key = os.environ.get("RAYFT_API_KEY") or s.api_key
     tenants = tenant_keys(s.api_keys)
     _check_shorthand(api_key, tenants)
@@ -80,6 +82,20 @@ def _settings(cfg: JobConfig) -> Settings:
     )
 
 
+def _check_fine_tuning(cfg: JobConfig, kinds: frozenset[str]) -> None:
+    """Jobs train the job file's training.method: refuse, before any job trains, one whose
+    result this server could not serve."""
+    method = cfg.training.method
+    kind_made = "dora" if method == "dora" else "lora"
+    if method == "full" or kind_made not in kinds:
+        raise ServeConfigError(
+            f"serve.fine_tuning: training.method {method} makes "
+            + ("a whole model" if method == "full" else f"{kind_made} adapters")
+            + f", which serve.engine {cfg.serve.engine} does not hot-load; fine-tuning jobs "
+            "train adapters served next to the base: set training.method lora or qlora"
+        )
+
+
 def base_name(cfg: JobConfig) -> str:
     """The base's served name: `serve.base_name`, else model.base as written (a registry name
     or hub id), or the directory's name when model.base is a path."""
@@ -95,6 +111,8 @@ def tenant_keys(keys: dict[str, str]) -> dict[str, str]:
     """`serve.api_keys` with `env:VAR` values read from the environment."""
     out = {}
     for tenant, key in keys.items():
+        if tenant == "admin":  # what the admin key creates would be this tenant's
+            raise ServeConfigError("serve.api_keys: `admin` is the admin key's name; rename it")
         if not NAME.match(tenant):  # it becomes part of `ft:` model names
             raise ServeConfigError(
                 f"serve.api_keys.{tenant}: a tenant name is 1 to 64 letters, digits, '.', '_' "

@@ -5,9 +5,17 @@ field for field OpenAI's (`openai.types.FineTuningJob`, `FileObject`, events, ch
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    field_validator,
+    model_validator,
+)
 
 Auto = Literal["auto"]
 NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")  # suffixes and tenants: they become model names
@@ -18,14 +26,18 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+PositiveInt = Annotated[StrictInt, Field(gt=0)]
+PositiveFloat = Annotated[StrictFloat, Field(gt=0)]
+
+
 class Hyperparameters(_Strict):
-    n_epochs: Auto | int | None = Field(None, gt=0)
-    batch_size: Auto | int | None = Field(None, gt=0)
-    learning_rate_multiplier: Auto | float | None = Field(None, gt=0)
+    n_epochs: Auto | PositiveInt | None = None
+    batch_size: Auto | PositiveInt | None = None
+    learning_rate_multiplier: Auto | PositiveFloat | None = None
 
 
 class DpoHyperparameters(Hyperparameters):
-    beta: Auto | float | None = Field(None, gt=0)
+    beta: Auto | PositiveFloat | None = None
 
 
 class Supervised(_Strict):
@@ -40,6 +52,13 @@ class Method(_Strict):
     type: Literal["supervised", "dpo"]
     supervised: Supervised | None = None
     dpo: Dpo | None = None
+
+    @model_validator(mode="after")
+    def _one_section(self) -> Method:
+        other = {"supervised": "dpo", "dpo": "supervised"}[self.type]
+        if getattr(self, other) is not None:
+            raise ValueError(f"method.{other} is given for a method of type {self.type}")
+        return self
 
 
 class JobCreate(_Strict):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import os
 from pathlib import Path
 from typing import BinaryIO
 
@@ -58,7 +59,8 @@ def store_upload(src: BinaryIO, dest: Path, max_bytes: int, max_rows: int) -> tu
                 try:
                     text = pending + decoder.decode(chunk)
                 except UnicodeDecodeError as e:
-                    raise _bad(line_no + 1, f"not UTF-8 ({e.reason})") from None
+                    line = line_no + 1 + chunk[: max(e.start, 0)].count(b"\n")
+                    raise _bad(line, f"not UTF-8 ({e.reason})") from None
                 *lines, pending = text.split("\n")
                 for line in lines:
                     line_no += 1
@@ -82,7 +84,7 @@ def store_upload(src: BinaryIO, dest: Path, max_bytes: int, max_rows: int) -> tu
                 "file",
                 "too_many_rows",
             )
-        tmp.rename(dest)
+        os.link(tmp, dest)  # fails if dest exists: an upload never replaces a file
     finally:
         tmp.unlink(missing_ok=True)
     return size, rows

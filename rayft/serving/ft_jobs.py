@@ -194,10 +194,21 @@ class Service:
     # ------------------------------------------------------------------ the loop's steps
 
     def client(self):
+        """The Ray Jobs client of the cluster this server runs on: its dashboard's address as
+        the cluster itself records it (never a guess among the Rays on this machine)."""
         if self._client is None:
+            from ray._private.services import get_webui_url_from_internal_kv
             from ray.job_submission import JobSubmissionClient
 
-            self._client = JobSubmissionClient(self.dashboard)
+            dashboard = self.dashboard or get_webui_url_from_internal_kv()
+            if not dashboard:
+                raise RuntimeError(
+                    "the Ray cluster has no dashboard, which runs Ray Jobs: start it with its "
+                    "dashboard (ray start --include-dashboard=true) to fine-tune on it"
+                )
+            if "://" not in dashboard:
+                dashboard = f"http://{dashboard}"
+            self._client = JobSubmissionClient(dashboard)
         return self._client
 
     def validate(self) -> None:

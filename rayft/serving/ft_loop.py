@@ -44,7 +44,7 @@ def serve_job(st, row: dict) -> None:
                 f"the engine does not serve {kind(path)} adapters; fine-tune with training."
                 "method lora or qlora on this server"
             )
-        check_template(run_dir, st.tokenizers["base"])
+        check_template(run_dir, st.tokenizers["base"], required=True)
     except AdapterError as e:
         error = {"code": "model_refused", "param": None, "message": e.message}
         svc.finish(row, "failed", error=error)
@@ -61,12 +61,15 @@ def serve_job(st, row: dict) -> None:
     ft_jobs.succeed(svc, row, name)
 
 
-def check_template(run_dir: Path, tokenizer) -> None:
+def check_template(run_dir: Path, tokenizer, required: bool = False) -> None:
     """The base's chat template and end of turn are the ones the adapter was trained with
-    (run.json's train facts): served with another template it would answer out of format."""
+    (run.json's train facts): served with another template it would answer out of format.
+    A run that recorded none (an older rayft) passes unless `required`."""
     facts = read_manifest(run_dir).get("stages", {}).get("train", {}).get("facts")
     if not facts:
-        raise AdapterError(f"{run_dir}: run.json has no train facts; the run did not finish")
+        if required:
+            raise AdapterError(f"{run_dir}: run.json has no train facts; the run did not finish")
+        return
     trained = facts["tokenizer"]
     template = tokenizer.chat_template
     served = template_hash(template if isinstance(template, str) else None)

@@ -283,6 +283,13 @@ class ExperimentSpec(ExperimentConfig):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
+_MEMBER_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "constrained-int"}
+
+
+def _union_member(part: Any) -> bool:
+    return isinstance(part, str) and ("[" in part or part in _MEMBER_TAGS)
+
+
 def parse(cls: type[M], body: Any, **limits: int) -> M:
     """Validate a JSON body against the server's `limits`; the first problem becomes an
     OpenAI-style 400 naming the field."""
@@ -292,7 +299,10 @@ def parse(cls: type[M], body: Any, **limits: int) -> M:
         errors = e.errors()
         # An unknown field first: a misspelt name also explains the field said to be missing.
         err = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])
-        param = ".".join(str(p) for p in err["loc"]) or None
+        # pydantic names the union member it tried (`stop.str`, `n_epochs.literal['auto']`):
+        # the field is the request's part of the location
+        where = [str(p) for p in err["loc"] if not _union_member(p)]
+        param = ".".join(where) or None
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             raise BadRequest(

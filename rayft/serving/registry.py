@@ -29,8 +29,9 @@ class Registry:
     experiments: dict[str, dict] = field(default_factory=dict)  # name -> {"arms", "shadow"}
     path: Path | None = None  # where the state is persisted; None: not persisted
     base_name: str | None = None  # the base's served name (`serve.base_name`), beside the alias
-    # adapter name -> the tenant whose fine-tuning job made it: only that tenant sees it (and
-    # the experiments the admin makes of it). Adapters not listed are everyone's.
+    # adapter name -> the tenant whose fine-tuning job made it, experiment name -> the tenant
+    # whose models are its arms: only that tenant sees and uses them. Names not listed are
+    # everyone's.
     owners: dict[str, str] = field(default_factory=dict)
     store: object | None = None  # the fine-tuning service's database (ft_store.Store), if any
 
@@ -68,17 +69,17 @@ class Registry:
     ) -> tuple[Target, Target | None]:
         """(the target that answers, the shadow target or None) for a request's `model`;
         a tenant's own fine-tuned models are unknown to every other tenant."""
-        owner = self.owners.get(model.removeprefix("base:"))
+        # The owner of what answers under any spelling (`<base>:<adapter>` too); an
+        # experiment is its arms' tenant's (see add_experiment).
+        target, shadow = self._resolve(model, user)
+        owner = self.owners.get(target.experiment or target.arm)
         if owner is not None and owner != (tenant or "default"):  # an open API is `default`
             raise unknown_model(model)  # answered exactly as a name nobody serves
-        return resolve(
-            model,
-            self.base_names(),
-            self.engines() - {"base"},
-            self.adapters,
-            self.experiments,
-            user,
-        )
+        return target, shadow
+
+    def _resolve(self, model: str, user: str | None) -> tuple[Target, Target | None]:
+        names = (self.base_names(), self.engines() - {"base"}, self.adapters, self.experiments)
+        return resolve(model, *names, user)
 
     def visible(self, tenant: str | None) -> list[tuple[str, str]]:
         """(name, owner) of every name `tenant` may use (None: every name), for /v1/models:
@@ -138,13 +139,23 @@ class Registry:
             own = self._arm(arm, name)
             canonical[own] = canonical.get(own, 0) + weight
         own_shadow = self._arm(shadow, name) if shadow else None
+        tenants = {self.owners[a] for a in [*canonical, own_shadow] if a in self.owners}
+        if len(tenants) > 1:
+            raise BadRequest(
+                f"the arms of {name!r} are fine-tuned models of different tenants "
+                f"({sorted(tenants)}); an experiment serves one tenant's models",
+                "arms",
+            )
         self.experiments[name] = {"arms": canonical, "shadow": own_shadow}
+        self.owners.pop(name, None)
+        if tenants:  # only that tenant sees and uses it, as its models
+            self.owners[name] = tenants.pop()
 
     def _arm(self, arm: str, experiment: str) -> str:
         if arm in self.experiments or arm == experiment:
             raise BadRequest(f"arm {arm!r} is an experiment; arms are models", "arms")
         try:
-            return self.route(arm, None)[0].arm
+            return self._resolve(arm, None)[0].arm  # the admin may name any tenant's model
         except NotFound:
             known = sorted({"base", *self.engines(), *self.adapters})
             raise NotFound(
@@ -156,6 +167,7 @@ class Registry:
     def remove_experiment(self, name: str) -> None:
         if self.experiments.pop(name, None) is None:
             raise NotFound(f"No experiment named {name!r}", "name")
+        self.owners.pop(name, None)
 
     # ------------------------------------------------------------------ persistence
 

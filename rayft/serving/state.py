@@ -114,6 +114,17 @@ class IngressState:
                 return None
         return self.auth(request) or "default"
 
+    def owner(self, request: Request) -> str:
+        """The tenant a new file or job belongs to: a tenant's key, never the admin's."""
+        tenant = self.tenant(request)
+        if tenant is None:
+            raise BadRequest(
+                "The admin key sees and cancels every tenant's files and jobs but owns none: "
+                "upload and create jobs with the tenant's own key",
+                code="admin_key_not_a_tenant",
+            )
+        return tenant
+
     def fine_tuning(self):
         if self.ft is None:
             raise NotFound(

@@ -12,6 +12,7 @@ from rayft.adapters import check_compatible, fingerprint, kind, resolve_adapter
 from rayft.serving import openai_api as oa
 from rayft.serving.deploy import MERGED_APP, MergedDeployFailed, deploy_merged, remove_merged
 from rayft.serving.errors import EngineFailed
+from rayft.serving.ft_loop import check_template
 from rayft.serving.state import IngressState, State
 
 router = APIRouter(prefix="/admin")
@@ -42,6 +43,8 @@ async def load_adapter(request: Request, st: State) -> dict:
             resolve_adapter, spec.path, st.s.adapter_root, Path(st.s.serve_dir) / "adapter_cache"
         )
         info = check_compatible(path, st.linears, st.s.job.serve.max_lora_rank)
+        if (path.parent / "run.json").exists():  # a rayft run: it recorded its chat template
+            await asyncio.to_thread(check_template, path.parent, st.tokenizers["base"])
         loaded = {"status": "loaded", "name": spec.name, "path": str(path), **info}
         if kind(path) not in st.s.adapter_kinds:
             return {**loaded, **await _load_merged(st, spec.name, path)}

@@ -18,7 +18,7 @@ router = APIRouter(prefix="/v1/files")
 @router.post("")
 async def upload(request: Request, st: State) -> dict:
     svc = st.fine_tuning()
-    tenant = st.tenant(request) or "admin"
+    tenant = st.owner(request)
     limit = int(svc.ft.max_file_mb * 1e6)
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit + 64 * 1024:  # + form framing
@@ -31,6 +31,11 @@ async def upload(request: Request, st: State) -> dict:
     # Starlette spools the parts to temporary files past 1 MB: nothing large stays in memory.
     form = await request.form(max_files=1, max_fields=8)
     try:
+        extra = sorted(set(form) - {"file", "purpose"})
+        if extra:  # e.g. expires_after: files here live until deleted
+            raise BadRequest(
+                f"Unrecognized request argument supplied: {extra[0]}", extra[0], "unknown_parameter"
+            )
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
             raise BadRequest("file: send the file as multipart form field `file`", "file")

@@ -24,7 +24,7 @@ def _limit(limit: int) -> int:
 @router.post("")
 async def create(request: Request, st: State) -> dict:
     svc = st.fine_tuning()
-    tenant = st.tenant(request) or "admin"
+    tenant = st.owner(request)
     req = oa.parse(JobCreate, await st.body(request))
     return job_object(await asyncio.to_thread(svc.create, tenant, req))
 
