@@ -1013,3 +1013,38 @@ def test_server_settings_refused_for_fine_tuning():
     _check_fine_tuning(JobConfig(training={"method": "qlora"}), frozenset({"lora"}))
     with pytest.raises(ValidationError, match="directory"):
         JobConfig(serve={"fine_tuning": {"state": "s3://bucket/ft"}})
+
+
+def test_queue_starts_oldest_first_within_both_limits(tmp_path):
+    """max_running_jobs bounds the cluster, max_running_per_tenant each tenant; a tenant at its
+    limit does not hold up the others. (The Ray job itself is tests/test_ft_service.py's: here
+    `submit` only records the order.)"""
+
+    class Recorded(ft_jobs.Service):
+        started: list[str] = []
+
+        def submit(self, row: dict) -> str:
+            self.started.append(row["id"])
+            return f"ray-{row['id']}"
+
+    job = server_job(
+        tmp_path / "run",
+        model={"base": "tiny-llama-dir"},
+        serve={"fine_tuning": {"enabled": True, "state": str(tmp_path / "state"),
+                               "max_running_jobs": 2, "max_running_per_tenant": 1}},
+    )  # fmt: skip
+    svc = Recorded(job, "tiny-llama")
+    jobs = {}
+    for name, tenant in (("a1", "acme"), ("a2", "acme"), ("g1", "globex"), ("g2", "globex")):
+        jobs[name] = create(svc, tenant, training_file=put(svc, tenant, CHAT)["id"])["id"]
+    svc.validate()
+    svc.start_queued()
+    assert svc.started == [jobs["a1"], jobs["g1"]]
+    status = {n: svc.get(None, i)["status"] for n, i in jobs.items()}
+    assert status == {"a1": "running", "a2": "queued", "g1": "running", "g2": "queued"}
+    assert svc.get(None, jobs["a1"])["ray_job"] == f"ray-{jobs['a1']}"
+    svc.finish(svc.get(None, jobs["g1"]), "succeeded")  # globex's slot frees: its next starts
+    svc.start_queued()
+    assert svc.started[2:] == [jobs["g2"]]
+    svc.start_queued()  # the cluster's 2 slots are taken (a1, g2): a2 waits
+    assert svc.get(None, jobs["a2"])["status"] == "queued"
