@@ -84,6 +84,23 @@ def _tail(path: Path, lines: int = 40) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
+def _errors(path: Path, lines: int = 6) -> str:
+    """The last lines of a log that name an error, else its plain end."""
+    text = path.read_text(errors="replace").splitlines() if path.exists() else []
+    found = [x for x in text if "Error" in x or "failed" in x]
+    return "\n".join(found[-lines:]) or _tail(path, lines)
+
+
+def _other_rays() -> int:
+    """Ray instances (GCS processes) already on this machine: another one shifts the timings,
+    and holds the ports an embedded Ray's dashboard agent wants (Ray Jobs need that agent)."""
+    n = 0
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            n += b"gcs_server" in cmdline.read_bytes().split(b"\0")[0]
+    return n
+
+
 def _run(args: list[str], log: Path, cwd: Path) -> float:
     """Seconds `rayft ARGS` took; its output goes to `log`. A failure raises with the log's end."""
     start = time.perf_counter()
@@ -115,8 +132,8 @@ def _wait_status(c: openai.OpenAI, job_id: str, states: tuple[str, ...], every: 
             return job, time.perf_counter() - start
         if time.perf_counter() - start > timeout:
             raise SystemExit(
-                f"job {job_id} still {job.status} after {timeout:.0f} s; rayft serve's log "
-                f"ends:\n{_tail(log, 12)}"
+                f"job {job_id} still {job.status} after {timeout:.0f} s; rayft serve's last "
+                f"errors:\n{_errors(log)}"
             )
         time.sleep(every)
 
@@ -160,6 +177,9 @@ def main() -> int:
           "1 training worker", flush=True)  # fmt: skip
 
     # ---------------------------------------------------------------- the CLI arm
+    if others := _other_rays():
+        print(f"WARNING: {others} other Ray instance(s) run on this machine: timings are skewed,"
+              " and the service's jobs may not start (see rayft serve's log)", flush=True)  # fmt: skip
     load = {"CLI arm": os.getloadavg()[0]}  # other work on the machine skews one-run timings
     prep_s = _run(["prepare", str(cli_job)], work / "cli_prepare.log", work)
     train_s = _run(["train", str(cli_job)], work / "cli_train.log", work)

@@ -108,7 +108,24 @@ def _stage(module: str, function: str, stage: str, **options: str):
 
 
 cmd_prepare = _stage("rayft.data", "prepare", "prepare")
-cmd_train = _stage("rayft.training", "train", "train", resume="resume")
+_train = _stage("rayft.training", "train", "train", resume="resume")
+
+
+def _plan_check(args: argparse.Namespace, cfg: JobConfig, what: str) -> None:
+    """The pre-launch check (`rayft plan`): a job that does not fit its GPUs (or, on CPU, this
+    machine's RAM) is refused before anything starts, unless --no-plan-check."""
+    if getattr(args, "no_plan_check", False):
+        return
+    from rayft.plan.job import check
+
+    check(cfg, what=what)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    _plan_check(args, _load(args), "the training job")
+    return _train(args)
+
+
 cmd_eval = _stage("rayft.evaluation", "evaluate", "eval")
 cmd_serve = _stage("rayft.serving", "serve", "serve")
 cmd_merge = _stage("rayft.export", "merge", "")  # merge and export do not use the cluster
@@ -175,7 +192,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
         if options:
             args.submit_parser.parse_args([*options, args.config], namespace=args)
     args.stage_args = rest
-    load_config(args.config, args.overrides)  # a bad job file fails here, not on the cluster
+    cfg = load_config(args.config, args.overrides)  # a bad job file fails here, not on the cluster
+    if rest and rest[0] in ("train", "quickstart"):
+        _plan_check(args, cfg, f"the submitted {rest[0]}")
     return submit(
         args.config,
         args.stage_args,
@@ -202,6 +221,7 @@ def cmd_k8s_render(args: argparse.Namespace) -> int:
     from rayft.cluster.k8s import object_name, render
 
     cfg = load_config(args.config, args.overrides)
+    _plan_check(args, cfg, "the rendered RayJob's training")
     out = Path(args.out)
     paths = render(cfg, out, config_path=args.config, overrides=args.overrides)
     for path in paths:
@@ -223,6 +243,14 @@ def cmd_k8s_render(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- parser
 
 
+def _no_plan_check(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-plan-check",
+        action="store_true",
+        help="launch even when `rayft plan` says the job does not fit",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rayft", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -234,9 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     stage("prepare", "validate, clean, split, tokenize and pack the data", cmd_prepare)
-    stage("train", "fine-tune on Ray Train", cmd_train).add_argument(
-        "--resume", action="store_true", help="continue from the latest checkpoint"
-    )
+    p = stage("train", "fine-tune on Ray Train", cmd_train)
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    _no_plan_check(p)
     stage("eval", "compare base and fine-tuned models on the test split", cmd_eval)
     stage(
         "quickstart", "the whole loop on the embedded default model", cmd_quickstart, False
@@ -305,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="directory uploaded as the job's working_dir (default: the current directory)",
     )
     p.add_argument("--no-follow", action="store_true", help="return after submitting")
+    _no_plan_check(p)
     p.add_argument("stage_args", nargs=argparse.REMAINDER, help="-- STAGE [ARGS]")
     p.set_defaults(func=cmd_submit, submit_parser=p)
 
@@ -324,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("config", help="job file (YAML)")
     _set_arg(s, "cluster.k8s.namespace=ml")
     s.add_argument("--out", required=True, help="output directory (one file per object)")
+    _no_plan_check(s)
     s.set_defaults(func=cmd_k8s_render)
     return parser
 

@@ -162,3 +162,35 @@ def test_cli(tmp_path, capsys):
     assert args.func(args) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["params"] == 494_032_768 and out["max_seq_len"] == 512 and out["fits"]
+
+
+def test_launches_are_checked_against_the_plan(tmp_path, capsys):
+    """`rayft train` on GPUs, `rayft submit ... -- train` and `rayft k8s render` refuse a job that
+    does not fit before anything starts (the breakdown and the cheapest fix printed);
+    --no-plan-check launches anyway; an unknown shape is not a refusal."""
+    from rayft.cli import main
+
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        "model: {base: meta-llama/Llama-3.1-70B}\ntraining: {method: full}\n"
+        "cluster: {use_gpu: true, num_workers: 8, gpu_type: A100-80GB}\n"
+    )
+    nowhere = "http://127.0.0.1:9"  # nothing listens: only a check that ran first answers
+    launches = [
+        ["train", str(job)],
+        ["submit", str(job), "--address", nowhere, "--project", str(tmp_path), "--", "train"],
+        ["k8s", "render", str(job), "--out", str(tmp_path / "k8s")],
+    ]
+    for argv in launches:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "does not fit" in err and "on A100-80GB" in err, err
+        assert "cheapest fix: " in err and "--set training." in err
+    assert not (tmp_path / "k8s").exists()
+    assert main([*launches[2], "--no-plan-check"]) == 0  # rendered anyway
+    assert (tmp_path / "k8s" / "rayjob.yaml").exists()
+    assert main([*launches[1][:-2], "--no-plan-check", "--", "train"]) == 2
+    assert "does not fit" not in capsys.readouterr().err  # it went on, to the missing cluster
+    job.write_text("model: {base: org/unknown-model}\ncluster: {use_gpu: true}\n")
+    assert main(launches[2]) == 0
+    assert "not checked" in capsys.readouterr().out

@@ -104,6 +104,13 @@ def test_fresh_run_artifacts(reference, tiny_model):
     assert summary["steps"] == STEPS and summary["tokens"] > 0 and summary["tokens_per_s"] > 0
     assert summary["final_loss"] == losses[STEPS] and summary["final_eval_loss"] == evals[6]
     assert len(summary["workers"]) == 2
+    # planned vs measured: a worker's peak resident set holds torch itself (> 300 MB)
+    assert all(w["peak_memory_gib"] > 0.3 for w in summary["workers"])
+    plan = summary["plan"]
+    assert plan["device"] == "cpu" and 0 < plan["planned_gib"] < 1
+    peak = max(w["peak_memory_gib"] for w in summary["workers"])
+    assert plan["measured_peak_gib"] == peak
+    assert plan["measured_over_planned"] == round(peak / plan["planned_gib"], 3)
 
     card = (adapter / "README.md").read_text()
     manifest = json.loads((run_dir / "run.json").read_text())

@@ -72,6 +72,11 @@ class ClusterConfig(Section):
     )
     use_gpu: bool = Field(False, description="Give each worker a GPU.")
     gpus_per_node: int = Field(1, ge=1, description="GPUs per node (sizes KubeRay worker groups).")
+    gpu_type: str | None = Field(
+        None,
+        description="The GPU the workers get (`rayft plan` names them, e.g. H100-80GB): what "
+        "the pre-launch plan check sizes the job for (default: the plan's default GPU).",
+    )
     cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per training worker.")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="Placement group strategy of the training workers."

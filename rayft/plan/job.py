@@ -15,7 +15,7 @@ from rayft.dtypes import precision_dtype
 from rayft.errors import RayftError
 from rayft.plan import gpus, memory
 from rayft.plan.memory import Setup
-from rayft.plan.shapes import Shape, resolve
+from rayft.plan.shapes import Shape, ShapeError, resolve
 
 # Changes tried when a job does not fit, cheapest first: what each costs is time (recompute,
 # PCIe traffic), model quality (4 bits, shorter context) or money (more GPUs).
@@ -228,6 +228,7 @@ def plan(
     """The plan of `cfg` on `gpu` (a GPU table name; None: the default GPU when the cluster uses
     GPUs, else this machine's RAM as one CPU node)."""
     shape = resolve(cfg.model.base)
+    gpu = gpu or (cfg.cluster.gpu_type if cfg.cluster.use_gpu else None)
     on_gpu = gpu is not None or cfg.cluster.use_gpu
     card = gpus.find(gpu) if on_gpu else None
     s = setup_for(cfg, on_gpu)
@@ -274,14 +275,24 @@ def plan(
     return out
 
 
-def check(cfg: JobConfig, gpu: str | None = None) -> dict:
-    """The pre-launch check: the plan, raising when the job does not fit."""
+def check(cfg: JobConfig, gpu: str | None = None, what: str = "the job") -> dict | None:
+    """The pre-launch check: the plan, raising when the job does not fit; None (with a notice)
+    when the model's shape is unknown, which a launch should not be refused for."""
     from rayft.plan.render import render
 
-    result = plan(cfg, gpu)
+    try:
+        result = plan(cfg, gpu)
+    except ShapeError as e:
+        print(f"[rayft plan] not checked: {e}", flush=True)
+        return None
     if not result["fits"]:
+        fix = result["cheapest_fix"]
+        sets = " ".join(f"--set {x}" for x in fix["set"].split()) if fix else ""
+        hint = f"; cheapest fix: {fix['change']} ({sets})" if fix else ""
         raise RayftError(
-            "the job does not fit (rayft plan; --no-plan-check to launch anyway):\n"
-            + render(result)
+            f"{what} does not fit: {result['per_gpu_gib']} GiB per "
+            f"{'GPU' if result['device'] != 'cpu' else 'worker'} on {result['device']} "
+            f"({result['device_memory_gib']} GiB){hint}. Run `rayft plan` for the options, or "
+            "pass --no-plan-check to launch anyway.\n" + render(result)
         )
     return result

@@ -104,6 +104,7 @@ def train(cfg: JobConfig, resume: bool = False) -> TrainArtifacts:
         per_token,
         [w.get("device", "cpu") for w in summary["workers"]],
     )
+    summary["plan"] = planned_vs_measured(cfg, summary["workers"])
     data_hash = _data_hash(run_dir, data_dir)
     write_card(out_dir, cfg, base_path, data_hash, summary)
     (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -311,6 +312,28 @@ def _check_resume(storage: str, name: str, resume: bool) -> None:
         )
     if resume and not exists:
         print(f"[rayft train] nothing to resume in {storage}/{name}: starting fresh", flush=True)
+
+
+def planned_vs_measured(cfg: JobConfig, workers: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """`rayft plan`'s memory per worker for this job beside the largest peak a worker reported
+    (GPU: torch's allocations; CPU: the process's resident set, runtime included)."""
+    from rayft.plan.job import plan
+    from rayft.plan.shapes import ShapeError
+
+    try:
+        planned = plan(cfg)
+    except ShapeError:
+        return None
+    peak = max((w.get("peak_memory_gib") or 0.0 for w in workers), default=0.0)
+    per = planned["per_gpu_gib"]
+    return {
+        "device": planned["device"],
+        "planned_gib": per,
+        "measured_peak_gib": peak,
+        "measured_over_planned": round(peak / per, 3) if per and peak else None,
+        "measured": "torch.cuda.max_memory_allocated" if planned["device"] != "cpu"
+        else "peak resident set of the worker process (Python and libraries included)",
+    }  # fmt: skip
 
 
 def _workers(run_dir: Path) -> list[dict[str, Any]]:

@@ -112,6 +112,7 @@ class RayReport(TrainerCallback):
         rows, self.rows = self.rows, []
         metrics = {"event": event, "rows": rows, "node_id": self.node_id, "device": self.device}
         metrics["engine"] = self.engine
+        metrics["peak_memory_gib"] = peak_memory_gib(self.device)
         if step is not None:
             metrics.update(self.last, step=step)
         ray.train.report(metrics, **checkpoint)
@@ -144,6 +145,19 @@ class RayReport(TrainerCallback):
             checkpoint_dir_name=name,
             checkpoint_upload_fn=upload_fn,
         )
+
+
+def peak_memory_gib(device: str) -> float:
+    """This worker's peak memory so far: on a GPU what torch allocated (the part the plan
+    models), on CPU the process's peak resident set (the whole Python process with its
+    libraries, which the plan's CPU figure does not model part by part)."""
+    import resource
+
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30, 3)
 
 
 def _engine(model: Any) -> dict[str, Any]:
@@ -225,6 +239,7 @@ class MetricsFile(ray.train.UserCallback):
         self.run_dir = run_dir
         self.max_steps = max_steps
         self.nodes_written = False
+        self.nodes: list[dict[str, Any]] = []
         self.last_step: int | None = None  # the highest step in metrics.jsonl
 
     def _append(self, rows: list[dict[str, Any]]) -> None:
@@ -255,6 +270,10 @@ class MetricsFile(ray.train.UserCallback):
         if not metrics:
             return
         run_dir = Path(self.run_dir)
+        if self.nodes_written and all("peak_memory_gib" in m for m in metrics):
+            for node, m in zip(self.nodes, metrics, strict=False):  # peaks only grow
+                node["peak_memory_gib"] = max(node["peak_memory_gib"], m["peak_memory_gib"])
+            (run_dir / "workers.json").write_text(json.dumps(self.nodes, indent=2) + "\n")
         if not self.nodes_written and all("node_id" in m for m in metrics):
             nodes = [
                 {
@@ -262,11 +281,12 @@ class MetricsFile(ray.train.UserCallback):
                     "node_id": m["node_id"],
                     "device": m.get("device", "cpu"),
                     **m.get("engine", {}),
+                    "peak_memory_gib": m.get("peak_memory_gib", 0.0),
                 }
                 for i, m in enumerate(metrics)
             ]
             (run_dir / "workers.json").write_text(json.dumps(nodes, indent=2) + "\n")
-            self.nodes_written = True
+            self.nodes, self.nodes_written = nodes, True
         rows = metrics[0].get("rows", [])
         if rows:
             self._append(rows)
