@@ -178,8 +178,9 @@ def main() -> int:
 
     # ---------------------------------------------------------------- the CLI arm
     if others := _other_rays():
-        print(f"WARNING: {others} other Ray instance(s) run on this machine: timings are skewed,"
-              " and the service's jobs may not start (see rayft serve's log)", flush=True)  # fmt: skip
+        print(f"WARNING: {others} other Ray instance(s) run on this machine: timings are "
+              "skewed, and the service's jobs may not start (see rayft serve's log)",
+              flush=True)  # fmt: skip
     load = {"CLI arm": os.getloadavg()[0]}  # other work on the machine skews one-run timings
     prep_s = _run(["prepare", str(cli_job)], work / "cli_prepare.log", work)
     train_s = _run(["train", str(cli_job)], work / "cli_train.log", work)
