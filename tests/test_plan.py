@@ -194,3 +194,43 @@ def test_launches_are_checked_against_the_plan(tmp_path, capsys):
     job.write_text("model: {base: org/unknown-model}\ncluster: {use_gpu: true}\n")
     assert main(launches[2]) == 0
     assert "not checked" in capsys.readouterr().out
+
+
+def test_dpo_doubles_the_batch_and_a_full_fine_tune_keeps_a_reference(tmp_path):
+    """DPO's forward holds chosen and rejected together (activations and logits x2); its
+    reference model is the base with the adapter off (LoRA: nothing more) or, for a full
+    fine-tune, a frozen copy of the weights, sharded like them by ZeRO-3."""
+    base = {"model": {"base": "meta-llama/Llama-3.1-8B"}, "cluster": {"use_gpu": True}}
+
+    def parts(**training) -> dict:
+        return plan(JobConfig(**base, training=training))["breakdown"]
+
+    sft, dpo = parts(), parts(objective="dpo")
+    for part in ("activations", "logits"):
+        assert dpo[part] == pytest.approx(2 * sft[part], rel=1e-3)
+    assert sft["reference"] == dpo["reference"] == 0
+    full = parts(method="full", objective="dpo", deepspeed={"zero_stage": 3})
+    weights = parts(method="full", deepspeed={"zero_stage": 3})["weights"]
+    assert full["reference"] == pytest.approx(weights, rel=1e-3) and full["reference"] > 0
+
+
+def test_dataset_tokens_estimated_from_the_files_before_prepare(tiny_model):
+    """Before `rayft prepare` counted them, the dataset's tokens come from the files' size:
+    within 10% of the real count on the demo data (SmolLM2's tokenizer, its chat template)."""
+    from transformers import AutoTokenizer
+
+    from rayft import models
+    from rayft.plan.job import _estimated_tokens
+
+    demo = "examples/data/support.jsonl"
+    cfg = JobConfig(data={"train_files": [demo]}, run_dir="/nonexistent/run")
+    tok = AutoTokenizer.from_pretrained(str(models.resolve("smollm2-135m-instruct")))
+    with open(demo) as f:
+        rows = [json.loads(line)["messages"] for line in f]
+    real = sum(len(tok(tok.apply_chat_template(m, tokenize=False))["input_ids"]) for m in rows)
+    assert _estimated_tokens(cfg) == pytest.approx(real, rel=0.10)
+    out = plan(cfg, "H100-80GB")
+    assert (
+        out["dataset_tokens"] == _estimated_tokens(cfg) and "not prepared" in out["tokens_source"]
+    )
+    assert _estimated_tokens(JobConfig(data={"train_files": ["s3://b/x.jsonl"]})) is None

@@ -68,7 +68,16 @@ def setup_for(cfg: JobConfig, on_gpu: bool) -> Setup:
         lora_targets=targets if isinstance(targets, str) else tuple(targets),
         lora_dropout=t.lora.dropout,
         double_quant=t.quantization.double_quant,
+        dpo=_objective(cfg) == "dpo",
     )
+
+
+def _objective(cfg: JobConfig) -> str:
+    """training.objective; `auto` is what the prepared data holds (SFT when not prepared)."""
+    if cfg.training.objective != "auto":
+        return cfg.training.objective
+    report = _data(cfg)
+    return "dpo" if report and report.get("kind") == "preference" else "sft"
 
 
 def _ram_gib() -> float:
@@ -172,6 +181,25 @@ def _data(cfg: JobConfig) -> dict[str, Any] | None:
         return None
 
 
+# JSONL training files hold about this many bytes per token of the text in them: ~4 characters a
+# token for English BPE vocabularies, plus the JSON keys and quoting around every message.
+BYTES_PER_TOKEN = 4.5
+
+
+def _estimated_tokens(cfg: JobConfig) -> float | None:
+    """The training files' tokens, estimated from their size (local files only; before
+    `rayft prepare` has counted them)."""
+    import glob
+
+    total = 0
+    for pattern in cfg.data.train_files:
+        if "://" in pattern:
+            return None
+        for path in glob.glob(os.path.expanduser(pattern)):
+            total += os.path.getsize(path)
+    return total / BYTES_PER_TOKEN if total else None
+
+
 def _measured_mfu(cfg: JobConfig) -> float | None:
     try:
         return json.loads((cfg.run_path / "train_summary.json").read_text()).get("mfu")
@@ -191,7 +219,7 @@ def throughput(
     t = cfg.training
     report = _data(cfg)
     fill = 1.0
-    dataset_tokens = None
+    dataset_tokens = None if report else _estimated_tokens(cfg)
     if report:
         dataset_tokens = report.get("tokens", {}).get("train")
         if cfg.data.pack and report.get("packing_efficiency"):
@@ -210,7 +238,11 @@ def throughput(
         "train_tokens": tokens,
         "dataset_tokens": dataset_tokens,
         "epochs": tokens / dataset_tokens if dataset_tokens else None,
-        "tokens_source": "data_report.json" if report else "max_steps x batch x max_seq_len",
+        "tokens_source": "data_report.json"
+        if report
+        else f"train files' bytes / {BYTES_PER_TOKEN} (not prepared yet)"
+        if dataset_tokens
+        else "max_steps x batch x max_seq_len",
         "hours": hours,
         "gpu_hours": hours * s.world,
         "cost_usd": hours * s.world * price if price is not None else None,

@@ -61,6 +61,7 @@ class Setup:
     lora_dropout: float = 0.05
     double_quant: bool = True
     adapter_bytes: int | None = None  # None: what PEFT and DeepSpeed pick (see the docstring)
+    dpo: bool = False  # preference pairs: chosen and rejected in one batch, a reference model
 
     def but(self, **changes) -> Setup:
         return replace(self, **changes)
@@ -109,8 +110,13 @@ def _activations_per_token(shape: Shape, s: Setup) -> tuple[float, float]:
     return layer, e * h
 
 
+def _sequences(s: Setup) -> int:
+    """Sequences in one micro-batch's forward: DPO runs chosen and rejected together."""
+    return s.micro_batch * (2 if s.dpo else 1)
+
+
 def activations(shape: Shape, s: Setup) -> float:
-    tokens = s.micro_batch * s.seq_len
+    tokens = _sequences(s) * s.seq_len
     layer, kept = _activations_per_token(shape, s)
     if s.checkpointing:
         return tokens * (shape.layers * kept + layer)
@@ -118,7 +124,7 @@ def activations(shape: Shape, s: Setup) -> float:
 
 
 def logits(shape: Shape, s: Setup) -> float:
-    return s.micro_batch * s.seq_len * shape.vocab * (s.dtype_bytes + 8)
+    return _sequences(s) * s.seq_len * shape.vocab * (s.dtype_bytes + 8)
 
 
 def training(shape: Shape, s: Setup) -> dict:
@@ -170,8 +176,12 @@ def training(shape: Shape, s: Setup) -> dict:
     elif world > 1:
         buffers = t * grad_bytes  # DDP's gradient buckets: a second copy of the gradients
 
+    # DPO's reference model: with an adapter, the base with the adapter switched off (nothing
+    # more); a full fine-tune keeps a frozen copy of the weights (sharded like them by ZeRO-3).
+    reference = n * e / (world if stage == 3 else 1) if s.dpo and s.method == "full" else 0.0
     parts = {
         "weights": weights,
+        "reference": reference,
         "adapters": adapters,
         "gradients": grads,
         "optimizer": optimizer,
