@@ -849,7 +849,9 @@ def test_succeed_records_the_result_file(svc):
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in METRICS))
     (run / "train_summary.json").write_text(json.dumps({"tokens": 321}))
     name = ft_progress.model_name(row)
-    ft_jobs.succeed(svc, svc.get(None, row["id"]), name)
+    assert not ft_jobs.succeed(svc, svc.get(None, row["id"]), name)  # only a running job
+    svc.store.update("jobs", row["id"], status="running")
+    assert ft_jobs.succeed(svc, svc.get(None, row["id"]), name)
     job = svc.get("acme", row["id"])
     assert job["status"] == "succeeded" and job["fine_tuned_model"] == name
     assert job["trained_tokens"] == 321 and len(job["result_files"]) == 1
@@ -1042,9 +1044,61 @@ def test_queue_starts_oldest_first_within_both_limits(tmp_path):
     assert svc.started == [jobs["a1"], jobs["g1"]]
     status = {n: svc.get(None, i)["status"] for n, i in jobs.items()}
     assert status == {"a1": "running", "a2": "queued", "g1": "running", "g2": "queued"}
-    assert svc.get(None, jobs["a1"])["ray_job"] == f"ray-{jobs['a1']}"
+    assert svc.get(None, jobs["a1"])["ray_job"] == ft_jobs.submission_id(jobs["a1"])
     svc.finish(svc.get(None, jobs["g1"]), "succeeded")  # globex's slot frees: its next starts
     svc.start_queued()
     assert svc.started[2:] == [jobs["g2"]]
     svc.start_queued()  # the cluster's 2 slots are taken (a1, g2): a2 waits
     assert svc.get(None, jobs["a2"])["status"] == "queued"
+
+
+def test_a_job_ray_refuses_fails_with_the_reason_and_frees_its_slot(tmp_path):
+    """A submission Ray refuses (a runtime_env it cannot build, say) fails that job, not the
+    loop: the next queued job starts in the same round."""
+
+    class Refusing(ft_jobs.Service):
+        def submit(self, row: dict) -> str:
+            if row["suffix"] == "bad":
+                raise RuntimeError("Request failed with status code 400: bad runtime_env")
+            return ft_jobs.submission_id(row["id"])
+
+    job = server_job(
+        tmp_path / "run",
+        model={"base": "tiny-llama-dir"},
+        serve={"fine_tuning": {"enabled": True, "state": str(tmp_path / "state")}},
+    )
+    svc = Refusing(job, "tiny-llama")
+    f = put(svc, "acme", CHAT)["id"]
+    bad = create(svc, "acme", training_file=f, suffix="bad")["id"]
+    good = create(svc, "acme", training_file=f, suffix="good")["id"]
+    svc.validate()
+    svc.start_queued()
+    failed = svc.get(None, bad)
+    assert failed["status"] == "failed" and failed["error"]["code"] == "submission_failed"
+    assert "bad runtime_env" in failed["error"]["message"] and failed["finished_at"]
+    assert svc.get(None, good)["status"] == "running"
+    assert not svc.finish(failed, "cancelled")  # an ended job stays as it ended
+
+
+def test_a_new_server_adds_the_databases_loads_to_its_job_file(store):
+    """An ingress replica of the same server takes its saved state whole; a new `rayft serve`
+    keeps what its job file configures and adds what earlier servers loaded (through the
+    admin API or fine-tuning) where the name is free and the adapter still fits."""
+    old = Registry(base_alias="tiny-llama", base_name="tiny", store=store, server="s1")
+    for name in (FT, "admin-a", "misfit", "shared"):
+        old.add_adapter(AdapterRef(name, f"/a/{name}", "k"))
+    old.owners[FT] = "acme"
+    old.add_experiment("ab", {FT: 1.0, "base": 1.0}, None)
+    old.add_experiment("gone", {"misfit": 1.0}, None)
+    old.save()
+    same = Registry(base_alias="tiny-llama", base_name="tiny", store=store, server="s1")
+    assert same.restore() and set(same.adapters) == set(old.adapters)
+    new = Registry(base_alias="tiny-llama", base_name="tiny", store=store, server="s2")
+    new.add_adapter(AdapterRef("shared", "/configured/shared", "k2"))  # the job file's own
+    assert new.restore(vet=lambda path: not path.endswith("misfit"))
+    assert set(new.adapters) == {FT, "admin-a", "shared"}
+    assert new.adapters["shared"].path == "/configured/shared"  # the job file wins
+    assert set(new.experiments) == {"ab"}  # `gone` lost its arm
+    assert new.owners == {FT: "acme", "ab": "acme"}
+    with pytest.raises(NotFound):
+        new.route(FT, None, "globex")

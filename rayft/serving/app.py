@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+import uuid
 from pathlib import Path
 
 from rayft.adapters import (
@@ -42,7 +43,7 @@ def _settings(cfg: JobConfig) -> Settings:
     dirs = {"base": base_dir}
     serve_dir = cfg.run_path.resolve() / "serve"
     linears = base_linears(base_dir)
-    registry = Registry(cfg.model.base, base_name=base_name(cfg))
+    registry = Registry(cfg.model.base, base_name=base_name(cfg), server=uuid.uuid4().hex)
     try:
         for name, path in s.models.items():
             where = f"serve.models.{name}"

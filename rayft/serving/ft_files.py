@@ -84,10 +84,22 @@ def store_upload(src: BinaryIO, dest: Path, max_bytes: int, max_rows: int) -> tu
                 "file",
                 "too_many_rows",
             )
-        os.link(tmp, dest)  # fails if dest exists: an upload never replaces a file
+        _publish(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
     return size, rows
+
+
+def _publish(tmp: Path, dest: Path) -> None:
+    """Give the finished upload its name, never replacing a file: a hard link fails when the
+    name exists; on a mount without hard links, an exclusive create claims the name first."""
+    try:
+        os.link(tmp, dest)
+    except FileExistsError:
+        raise
+    except OSError:
+        os.close(os.open(dest, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        tmp.replace(dest)
 
 
 def _row(line: str, line_no: int) -> int:

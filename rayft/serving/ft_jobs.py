@@ -12,6 +12,7 @@ was, reconciling running jobs from Ray's job status.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import shlex
 import sys
@@ -28,6 +29,7 @@ from rayft.serving.ft_api import TERMINAL, JobCreate
 from rayft.serving.ft_files import check_filename, check_rows, store_upload
 from rayft.serving.ft_store import Store, default_url, new_id
 
+log = logging.getLogger("ray.serve")
 RUNNING = ("running",)
 WAITING = ("validating_files", "queued")
 
@@ -173,9 +175,12 @@ class Service:
                 "fine_tuning_job_id",
                 "invalid_state",
             )
-        if row["status"] == "running":  # what it wrote stays in its run dir
-            ft_progress.stop(self.client(), row["ray_job"])
-        self.finish(row, "cancelled")
+        # A waiting job is cancelled before the loop can claim it; one the loop claimed (or that
+        # runs) has its Ray job stopped: what it wrote stays in its run dir.
+        if not self.finish(row, "cancelled", WAITING):
+            ft_progress.stop(self.client(), submission_id(job_id))
+            if not self.finish(row, "cancelled", RUNNING):
+                return self.cancel(tenant, job_id)  # it ended meanwhile: say how
         self.event(job_id, "Job cancelled by the user")
         return self.get(tenant, job_id)
 
@@ -185,10 +190,14 @@ class Service:
             "events", job_id=job_id, level=level, message=message, type=kind, data=data or None
         )
 
-    def finish(self, row: dict, status: str, **values: Any) -> None:
-        self.store.update(
-            "jobs", row["id"], status=status, finished_at=int(time.time()), estimated_finish=None,
-            **values,
+    def finish(
+        self, row: dict, status: str, from_status: tuple[str, ...] = (*WAITING, *RUNNING),
+        **values: Any,
+    ) -> bool:  # fmt: skip
+        """End a job that is in one of `from_status`; False when it was not (anymore)."""
+        return self.store.transition(
+            row["id"], from_status, status=status, finished_at=int(time.time()),
+            estimated_finish=None, **values,
         )  # fmt: skip
 
     # ------------------------------------------------------------------ the loop's steps
@@ -226,14 +235,12 @@ class Service:
                     error = check_rows(Path(f["path"]), f["id"], param, row["method"]["type"])
                 if error:
                     break
-            if self.store.get("jobs", row["id"])["status"] != "validating_files":
-                continue  # cancelled meanwhile
             if error:
-                self.finish(row, "failed", error=error)
-                self.event(row["id"], f"Job failed: {error['message']}", "error")
-            else:
-                self.store.update("jobs", row["id"], status="queued")
+                if self.finish(row, "failed", ("validating_files",), error=error):
+                    self.event(row["id"], f"Job failed: {error['message']}", "error")
+            elif self.store.transition(row["id"], ["validating_files"], status="queued"):
                 self.event(row["id"], "Files validated, moving job to queued state")
+            # else: cancelled meanwhile
 
     def start_queued(self) -> None:
         running = self.store.where("jobs", "status", ["running"])
@@ -245,14 +252,28 @@ class Service:
                 return
             if per_tenant.get(row["tenant"], 0) >= self.ft.max_running_per_tenant:
                 continue
-            submission = self.submit(row)
-            self.store.update(
-                "jobs", row["id"], status="running", ray_job=submission,
-                started_at=int(time.time()),
-            )  # fmt: skip
-            self.event(row["id"], "Fine-tuning job started")
+            sid = submission_id(row["id"])
+            now = int(time.time())
+            if not self.store.transition(
+                row["id"], ["queued"], status="running", ray_job=sid, started_at=now
+            ):
+                continue  # cancelled meanwhile
             running.append(row)
             per_tenant[row["tenant"]] = per_tenant.get(row["tenant"], 0) + 1
+            try:
+                self.submit(row)
+            except Exception as e:  # e.g. a runtime_env the cluster refuses: nothing runs
+                error = {"code": "submission_failed", "param": None,
+                         "message": f"Ray refused the job: {type(e).__name__}: {e}"[:1000]}  # fmt: skip
+                if self.finish(row, "failed", RUNNING, error=error):
+                    self.event(row["id"], f"Job failed: {error['message']}", "error")
+                running.pop()  # its slot is free again
+                per_tenant[row["tenant"]] -= 1
+                continue
+            if self.store.get("jobs", row["id"])["status"] != "running":  # a cancel won
+                ft_progress.stop(self.client(), sid)
+                continue
+            self.event(row["id"], "Fine-tuning job started")
 
     def submit(self, row: dict) -> str:
         job_dir = Path(row["run_dir"]).parent
@@ -263,7 +284,7 @@ class Service:
         runtime_env = dict(c.runtime_env)
         return self.client().submit_job(
             entrypoint=shlex.join([*python, "-m", "rayft.serving.ft_runner", str(job_dir)]),
-            submission_id=f"rayft-{row['id']}-{int(time.time())}",
+            submission_id=submission_id(row["id"]),
             runtime_env=runtime_env,
             metadata={
                 "rayft": "1",
@@ -273,6 +294,12 @@ class Service:
                 "run_dir": row["run_dir"],
             },  # fmt: skip
         )
+
+
+def submission_id(job_id: str) -> str:
+    """The Ray job of a fine-tuning job: one name, so that a cancel always finds it and Ray
+    refuses to run it twice."""
+    return f"rayft-{job_id}"
 
 
 def job_file(
@@ -317,26 +344,39 @@ def job_file(
 
 def tick(svc: Service) -> list[dict]:
     """One round of the loop: validate waiting files, follow running jobs, start queued ones.
-    Returns the jobs whose training succeeded and whose model is to be served now."""
+    Returns the jobs whose training succeeded and whose model is to be served now. A job that
+    fails to be followed is logged and tried again next round; it never stops the others."""
     svc.validate()
     done = []
     for row in svc.store.where("jobs", "status", ["running"]):
-        state, message = ft_progress.ray_status(svc.client(), row["ray_job"])
-        ft_progress.progress(svc, row)
-        if state == "SUCCEEDED":
-            done.append(svc.get(None, row["id"]))
-        elif state in ("FAILED", "LOST"):
-            error = ft_progress.error_of(Path(row["run_dir"]).parent, message)
-            svc.finish(row, "failed", error=error)
-            svc.event(row["id"], f"Job failed: {error['message']}", "error")
-        elif state == "STOPPED":  # stopped outside the API (`ray job stop`)
-            svc.finish(row, "cancelled")
-            svc.event(row["id"], "Job cancelled: its Ray job was stopped")
+        try:
+            if _follow(svc, row):
+                done.append(svc.get(None, row["id"]))
+        except Exception:
+            log.exception("fine-tuning service: following job %s failed", row["id"])
     svc.start_queued()
     return done
 
 
-def succeed(svc: Service, row: dict, served_as: str) -> None:
+def _follow(svc: Service, row: dict) -> bool:
+    """Follow a running job one round; True when its training has succeeded."""
+    state, message = ft_progress.ray_status(svc.client(), row["ray_job"])
+    if state == "UNKNOWN":  # the dashboard did not answer: next round
+        return False
+    ft_progress.progress(svc, row)
+    if state == "SUCCEEDED":
+        return True
+    if state in ("FAILED", "LOST"):
+        ft_progress.stop(svc.client(), row["ray_job"])
+        error = ft_progress.error_of(Path(row["run_dir"]).parent, message)
+        if svc.finish(row, "failed", RUNNING, error=error):
+            svc.event(row["id"], f"Job failed: {error['message']}", "error")
+    elif state == "STOPPED" and svc.finish(row, "cancelled", RUNNING):  # `ray job stop`
+        svc.event(row["id"], "Job cancelled: its Ray job was stopped")
+    return False
+
+
+def succeed(svc: Service, row: dict, served_as: str) -> bool:
     """Record a job whose model is served now: result file, tokens, status and events."""
     run_dir = Path(row["run_dir"])
     rows = ft_progress.read_rows(run_dir)
@@ -347,9 +387,11 @@ def succeed(svc: Service, row: dict, served_as: str) -> None:
         "files", id=result_id, tenant=row["tenant"], filename="step_metrics.csv",
         purpose="fine-tune-results", bytes=path.stat().st_size, rows=len(rows), path=str(path),
     )  # fmt: skip
-    svc.finish(
-        row, "succeeded", fine_tuned_model=served_as, result_files=[result_id],
+    if not svc.finish(
+        row, "succeeded", RUNNING, fine_tuned_model=served_as, result_files=[result_id],
         trained_tokens=ft_progress.trained_tokens(run_dir),
-    )  # fmt: skip
+    ):  # fmt: skip
+        return False  # cancelled meanwhile
     svc.event(row["id"], f"New fine-tuned model created: {served_as}")
     svc.event(row["id"], "The job has successfully completed")
+    return True

@@ -45,20 +45,24 @@ def serve_job(st, row: dict) -> None:
                 "method lora or qlora on this server"
             )
         check_template(run_dir, st.tokenizers["base"], required=True)
-    except AdapterError as e:
-        error = {"code": "model_refused", "param": None, "message": e.message}
-        svc.finish(row, "failed", error=error)
-        svc.event(row["id"], f"Job failed: {e.message}", "error")
+    except Exception as e:  # any reason not to serve it fails the job, with that reason
+        why = e.message if isinstance(e, AdapterError) else f"{type(e).__name__}: {e}"[:1000]
+        error = {"code": "model_refused", "param": None, "message": why}
+        if svc.finish(row, "failed", ft_jobs.RUNNING, error=error):
+            svc.event(row["id"], f"Job failed: {why}", "error")
         return
-    ckpts = svc.store.where("checkpoints", "job_id", [row["id"]])
-    for c in ckpts:
-        if Path(c["path"]).is_dir():
-            st.registry.add_adapter(fingerprint(c["name"], Path(c["path"])))
-            st.registry.owners[c["name"]] = row["tenant"]
-    st.registry.add_adapter(fingerprint(name, path))
-    st.registry.owners[name] = row["tenant"]
+    names = [(name, path)] + [
+        (c["name"], Path(c["path"]))
+        for c in svc.store.where("checkpoints", "job_id", [row["id"]])
+        if Path(c["path"]).is_dir()
+    ]
+    for served, where in names:  # served first: a client that sees `succeeded` may call it
+        st.registry.add_adapter(fingerprint(served, where))
+        st.registry.owners[served] = row["tenant"]
+    if not ft_jobs.succeed(svc, row, name):  # cancelled meanwhile: not served after all
+        for served, _ in names:
+            st.registry.remove_adapter(served)
     st.registry.save()
-    ft_jobs.succeed(svc, row, name)
 
 
 def check_template(run_dir: Path, tokenizer, required: bool = False) -> None:

@@ -30,19 +30,25 @@ def checkpoint_name(row: dict[str, Any], step: int) -> str:
 def stop(client, submission_id: str | None) -> None:
     if submission_id is None:
         return
-    with contextlib.suppress(RuntimeError):  # it ended meanwhile, or the cluster forgot it
+    # It ended meanwhile, the cluster forgot it, or the dashboard does not answer (then the
+    # job's own end is seen by a later round).
+    with contextlib.suppress(Exception):
         client.stop_job(submission_id)
 
 
 def ray_status(client, submission_id: str) -> tuple[str, str]:
-    """(Ray's status name, its message); ("LOST", why) when the cluster does not know it."""
+    """(Ray's status name, its message); ("LOST", why) when the cluster does not know the job
+    (a 404: it was restarted, or its job history cleared), ("UNKNOWN", why) when the
+    dashboard did not answer (a passing error: ask again next round)."""
     try:
         info = client.get_job_info(submission_id)
-    except RuntimeError as e:
-        return "LOST", (
-            f"the Ray cluster does not know Ray job {submission_id} (it was restarted or its "
-            f"job history was cleared): {str(e)[:300]}"
-        )
+    except Exception as e:
+        if "status code 404" in str(e):
+            return "LOST", (
+                f"the Ray cluster does not know Ray job {submission_id} (it was restarted or "
+                f"its job history was cleared): {str(e)[:300]}"
+            )
+        return "UNKNOWN", f"{type(e).__name__}: {str(e)[:300]}"
     return str(info.status.value), info.message or ""
 
 
@@ -57,7 +63,13 @@ def read_rows(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # the line being written (or torn by a killed writer)
+            break
+    return rows
 
 
 def progress(svc, row: dict[str, Any]) -> None:
@@ -82,7 +94,7 @@ def progress(svc, row: dict[str, Any]) -> None:
     if steps and row["started_at"]:
         per_step = (time.time() - row["started_at"]) / max(steps[-1], 1)
         values["estimated_finish"] = int(time.time() + per_step * max(total - steps[-1], 0))
-    svc.store.update("jobs", row["id"], **values)
+    svc.store.transition(row["id"], ["running"], **values)  # not onto a job cancelled meanwhile
     _checkpoints(svc, row, rows)
 
 

@@ -134,6 +134,18 @@ class Store:
         with self.engine.begin() as c:
             c.execute(t.update().where(t.c.id == id).values(**values))
 
+    def transition(self, id: str, from_status: tuple[str, ...] | list[str], **values: Any) -> bool:
+        """Update job `id` only while its status is one of `from_status`; whether it was. The
+        loop and the routes race (a cancel while the loop starts or finishes the job): each
+        move is a compare-and-set, so the first one wins and the other sees it lost."""
+        with self.engine.begin() as c:
+            done = c.execute(
+                jobs.update()
+                .where(jobs.c.id == id, jobs.c.status.in_(list(from_status)))
+                .values(**values)
+            )
+        return done.rowcount == 1
+
     def delete(self, kind: str, id: str) -> None:
         t = TABLES[kind]
         with self.engine.begin() as c:
@@ -156,8 +168,13 @@ class Store:
             q = q.where(t.c.tenant == tenant)
         for column, value in equal.items():
             q = q.where(t.c[column] == value)
-        if after is not None:
-            mark = sa.select(t.c.seq).where(t.c.id == after).scalar_subquery()
+        if after is not None:  # a cursor outside the tenant's rows is no cursor (no oracle)
+            mark = sa.select(t.c.seq).where(t.c.id == after)
+            if tenant is not None and kind in OWNED:
+                mark = mark.where(t.c.tenant == tenant)
+            for column, value in equal.items():
+                mark = mark.where(t.c[column] == value)
+            mark = mark.scalar_subquery()
             q = q.where(t.c.seq < mark if newest_first else t.c.seq > mark)
         q = q.order_by(t.c.seq.desc() if newest_first else t.c.seq).limit(limit + 1)
         with self.engine.connect() as c:

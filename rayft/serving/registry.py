@@ -34,6 +34,7 @@ class Registry:
     # everyone's.
     owners: dict[str, str] = field(default_factory=dict)
     store: object | None = None  # the fine-tuning service's database (ft_store.Store), if any
+    server: str | None = None  # this `rayft serve`'s token: whose persisted state is whose
 
     # ------------------------------------------------------------------ names
 
@@ -177,6 +178,7 @@ class Registry:
             "experiments": self.experiments,
             "merged": self.merged,
             "owners": self.owners,
+            "server": self.server,
         }
         if self.store is not None:
             self.store.save_registry(data)  # type: ignore[attr-defined]
@@ -187,9 +189,14 @@ class Registry:
         tmp.write_text(json.dumps(data, indent=2))
         tmp.replace(self.path)
 
-    def restore(self) -> bool:
-        """Take the persisted state (the whole state: unloads of configured names included);
-        False when nothing was persisted."""
+    def restore(self, vet=None) -> bool:
+        """Take the persisted state; False when nothing was persisted.
+
+        The state this server saved (an ingress replica that restarted) is taken whole, unloads
+        of configured names included. State an earlier server left in the database (the
+        fine-tuning service's) is added to what the job file configures now: names the job
+        file does not use, adapters that `vet(path)` still accepts (they must fit today's
+        base), experiments whose arms all exist."""
         if self.store is not None:
             saved = self.store.load_registry()  # type: ignore[attr-defined]
             if saved is None:
@@ -198,8 +205,27 @@ class Registry:
             return False
         else:
             saved = json.loads(self.path.read_text())
+        if self.store is not None and saved.get("server") != self.server:
+            self._merge(saved, vet or (lambda path: True))
+            return True
         self.owners = saved.get("owners", {})
         self.adapters = {n: AdapterRef(**a) for n, a in saved["adapters"].items()}
         self.experiments = saved["experiments"]
         self.merged = saved.get("merged", {})
         return True
+
+    def _merge(self, saved: dict, vet) -> None:
+        taken = {*self.base_names(), *self.models, *self.adapters, *self.merged, *self.experiments}
+        owners = saved.get("owners", {})
+        for name, a in saved["adapters"].items():
+            if name not in taken and vet(a["path"]):
+                self.adapters[name] = AdapterRef(**a)
+        for name, m in saved.get("merged", {}).items():
+            if name not in taken and m["app"] is not None:  # admin-loaded; dropped if not running
+                self.merged[name] = m
+        for name, x in saved["experiments"].items():
+            arms = [*x["arms"], *([x["shadow"]] if x.get("shadow") else [])]
+            if name not in taken and all(self.holder(a) is not None for a in arms):
+                self.experiments[name] = x
+        kept = {*self.adapters, *self.merged, *self.experiments}
+        self.owners = {n: o for n, o in owners.items() if n in kept}

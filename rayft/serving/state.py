@@ -7,6 +7,7 @@ import asyncio
 import copy
 import hmac
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -38,6 +39,9 @@ class Settings:
     tenant_keys: dict[str, str] | None = None  # tenant -> key
 
 
+log = logging.getLogger("ray.serve")
+
+
 class IngressState:
     def __init__(self, engines: dict[str, DeploymentHandle], settings: Settings):
         self.s = settings
@@ -64,7 +68,7 @@ class IngressState:
             self.ft = Service(settings.job, settings.registry.base_name or "base")
             self.registry.store = self.ft.store  # what the admin API loads outlives restarts
         configured = dict(self.registry.merged)
-        if self.registry.restore():  # admin changes outlive an ingress restart
+        if self.registry.restore(self._fits):  # admin changes outlive an ingress restart
             for name in set(configured) - set(self.registry.merged):  # configured, unloaded
                 self.drop_model(name)
             running = set(serve.status().applications) if self.ft else None
@@ -77,6 +81,8 @@ class IngressState:
                         f"engine-{name}", app_name=m["app"]
                     )
                     self.add_model(name, m["model"])
+            if self.ft is not None:
+                self.registry.save()  # now this server's state
         self.arm_of: dict[str, dict] = {}  # response id -> log record, for feedback
         self.metrics = Metrics()
         self._background: set[asyncio.Task] = set()
@@ -104,6 +110,17 @@ class IngressState:
                 code="invalid_api_key",
             )
         return tenant
+
+    def _fits(self, path: str) -> bool:
+        """Whether an adapter an earlier server served still fits this server's base."""
+        from rayft.adapters import AdapterError, check_compatible
+
+        try:
+            check_compatible(Path(path), self.s.linears, self.s.job.serve.max_lora_rank)
+        except (AdapterError, OSError) as e:
+            log.warning("not serving %s again: %s", path, e)
+            return False
+        return True
 
     def tenant(self, request: Request) -> str | None:
         """Whose files and jobs a fine-tuning request sees: its tenant (`default` on an open

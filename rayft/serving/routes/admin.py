@@ -50,7 +50,7 @@ async def load_adapter(request: Request, st: State) -> dict:
             return {**loaded, **await _load_merged(st, spec.name, path)}
         old = st.registry.merged.get(spec.name)  # the name served a merged model until now
         st.registry.add_adapter(fingerprint(spec.name, path))
-        st.registry.save()
+        await asyncio.to_thread(st.registry.save)  # a database write: off the loop
         if old is not None:
             st.drop_model(spec.name)
             await remove_merged(old["app"], old["model"] if old["app"] else None)
@@ -66,7 +66,7 @@ async def _load_merged(st: IngressState, name: str, path: Path) -> dict:
         if old and old["app"] == e.app:  # the failed deploy replaced it in place: gone as well
             st.registry.merged.pop(name)
             st.drop_model(name)
-            st.registry.save()
+            await asyncio.to_thread(st.registry.save)  # a database write: off the loop
             note = f" (the merged model served as {name!r} until now was replaced: unloaded too)"
         if not any(m["model"] == e.model for m in st.registry.merged.values()):
             await remove_merged(None, e.model)  # a cached merge that fails would be reused
@@ -81,7 +81,7 @@ async def _load_merged(st: IngressState, name: str, path: Path) -> dict:
         ) from None
     st.engines[name] = handle
     old = st.registry.add_merged(name, str(path), model, MERGED_APP + name)
-    st.registry.save()
+    await asyncio.to_thread(st.registry.save)  # a database write: off the loop
     if old and old["app"] and old["model"] != model:  # the same name with other weights
         await remove_merged(None, old["model"])
     return {"served_as": "merged", "model_dir": model}
@@ -92,7 +92,7 @@ async def unload_adapter(name: str, request: Request, st: State) -> dict:
     st.admin(request)
     async with st.admin_lock:
         merged = st.registry.remove_adapter(name)  # from now on no request reaches it
-        st.registry.save()
+        await asyncio.to_thread(st.registry.save)  # a database write: off the loop
         if merged is not None:
             st.drop_model(name)
             if merged["app"] is not None:  # configured ones live in the main app until restart
@@ -113,7 +113,7 @@ async def create_experiment(request: Request, st: State) -> dict:
     spec = oa.parse(oa.ExperimentSpec, await st.body(request))
     async with st.admin_lock:  # a load in progress may be about to take the name
         st.registry.add_experiment(spec.name, spec.arms, spec.shadow)
-        st.registry.save()
+        await asyncio.to_thread(st.registry.save)  # a database write: off the loop
     return {"status": "created", "name": spec.name}
 
 
@@ -122,5 +122,5 @@ async def delete_experiment(name: str, request: Request, st: State) -> dict:
     st.admin(request)
     async with st.admin_lock:
         st.registry.remove_experiment(name)
-        st.registry.save()
+        await asyncio.to_thread(st.registry.save)  # a database write: off the loop
     return {"status": "deleted", "name": name}

@@ -320,4 +320,8 @@ def log(
         st.arm_of[rid] = record
         if len(st.arm_of) > 100_000:  # bounded; older ids are found in the log file
             st.arm_of.pop(next(iter(st.arm_of)))
-    st.metrics.observe(target.arm, status, latency, prompt, completion, shadow)
+    # /metrics is scraped without a key: a tenant's fine-tuned models are counted under its
+    # name, never listed by theirs (which /v1/models hides from other tenants)
+    owner = st.registry.owners.get(target.arm)
+    arm = f"{owner}:fine-tuned" if owner else target.arm
+    st.metrics.observe(arm, status, latency, prompt, completion, shadow)

@@ -28,8 +28,25 @@ async def upload(request: Request, st: State) -> dict:
             "file",
             "file_too_large",
         )
-    # Starlette spools the parts to temporary files past 1 MB: nothing large stays in memory.
-    form = await request.form(max_files=1, max_fields=8)
+    # Starlette spools the parts to temporary files past 1 MB: nothing large stays in memory,
+    # and the body is counted as it arrives, so a chunked upload (no Content-Length) is cut at
+    # the limit instead of being spooled whole first.
+    seen = 0
+
+    async def counted():
+        nonlocal seen
+        message = await request.receive()
+        seen += len(message.get("body", b""))
+        if seen > limit + 64 * 1024:
+            raise BadRequest(
+                f"file: larger than the server's limit of {svc.ft.max_file_mb:g} MB "
+                "(serve.fine_tuning.max_file_mb)",
+                "file",
+                "file_too_large",
+            )
+        return message
+
+    form = await Request(request.scope, counted).form(max_files=1, max_fields=8)
     try:
         extra = sorted(set(form) - {"file", "purpose"})
         if extra:  # e.g. expires_after: files here live until deleted
