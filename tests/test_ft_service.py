@@ -119,7 +119,7 @@ def _upload(c: openai.OpenAI, lines: list[str], name: str = "train.jsonl"):
     return c.files.create(file=(name, io.BytesIO(data)), purpose="fine-tune")
 
 
-def _wait_job(c: openai.OpenAI, job_id: str, states: tuple[str, ...], timeout: float = 400):
+def _wait_job(c: openai.OpenAI, job_id: str, states: tuple[str, ...], timeout: float = 600):
     deadline = time.time() + timeout
     while True:
         job = c.fine_tuning.jobs.retrieve(job_id)
@@ -295,7 +295,7 @@ def test_cancel_a_running_job(server):
     job = c.fine_tuning.jobs.create(
         training_file=f.id, model="tiny-llama", hyperparameters={"n_epochs": 10}
     )
-    _wait_job(c, job.id, ("running",), timeout=120)
+    _wait_job(c, job.id, ("running",), timeout=240)
     job = c.fine_tuning.jobs.cancel(job.id)
     assert job.status == "cancelled" and job.fine_tuned_model is None
     jsc = _jsc({"dashboard": server.dashboard})
@@ -319,7 +319,7 @@ def test_restart_in_the_middle_of_a_job(server):
     f = _upload(c, SUPPORT)
     job = c.fine_tuning.jobs.create(training_file=f.id, model="tiny-llama", suffix="again")
     waiting = c.fine_tuning.jobs.create(training_file=f.id, model="tiny-llama")
-    _wait_job(c, job.id, ("running",), timeout=120)
+    _wait_job(c, job.id, ("running",), timeout=240)
     assert _wait_job(c, waiting.id, ("queued",), timeout=30).status == "queued"  # 1 at a time
     assert c.fine_tuning.jobs.cancel(waiting.id).status == "cancelled"
     admin = {"Authorization": f"Bearer {ADMIN}"}
