@@ -98,21 +98,32 @@ def _wait(what: str, ready, logs: list[Path], timeout: float = 180) -> None:
         time.sleep(1)
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    """A head of 2 CPUs and a node of 1 CPU, token auth on, in a private temp dir."""
-    temp = Path(tempfile.mkdtemp(prefix="rft", dir="/tmp"))  # short: socket paths are limited
+def start_head(temp: Path, cpus: int) -> tuple[subprocess.Popen, int, str]:
+    """`ray start --head` with its dashboard in `temp` (token auth on): (process, GCS port,
+    dashboard URL), once the dashboard answers."""
     gcs, dash = free_port(), free_port()
     head = _ray_start(
         ["--head", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         f"--ray-client-server-port={free_port()}", "--num-cpus=2", f"--temp-dir={temp}"],
+         f"--ray-client-server-port={free_port()}", f"--num-cpus={cpus}", f"--temp-dir={temp}"],
         temp / "head.log",
     )  # fmt: skip
-    started = [head]
     url = f"http://127.0.0.1:{dash}"
     try:
         _wait("the head did not come up", lambda: _get(f"{url}/api/jobs/") is not None,
               [temp / "head.log"])  # fmt: skip
+    except BaseException:
+        _end_session(head)
+        raise
+    return head, gcs, url
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head of 2 CPUs and a node of 1 CPU, token auth on, in a private temp dir."""
+    temp = Path(tempfile.mkdtemp(prefix="rft", dir="/tmp"))  # short: socket paths are limited
+    head, gcs, url = start_head(temp, cpus=2)
+    started = [head]
+    try:
         node = _ray_start([f"--address=127.0.0.1:{gcs}", "--num-cpus=1"], temp / "node.log")
         started.append(node)
         _wait("the second node did not join", lambda: _alive(url) == 2, [temp / "node.log"])

@@ -27,10 +27,9 @@ from test_cluster_real import (
     TOKEN,
     _clean_env,
     _end_session,
-    _get,
     _jsc,
-    _ray_start,
     _wait,
+    start_head,
 )
 from train_data import free_port
 
@@ -50,16 +49,8 @@ def _health(url: str) -> bool:
 def cluster():
     """A head of 4 CPUs with its dashboard (Ray Jobs), token authentication on."""
     temp = Path(tempfile.mkdtemp(prefix="rft", dir="/tmp"))  # short: socket paths are limited
-    gcs, dash = free_port(), free_port()
-    head = _ray_start(
-        ["--head", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         f"--ray-client-server-port={free_port()}", "--num-cpus=4", f"--temp-dir={temp}"],
-        temp / "head.log",
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{dash}"
+    head, gcs, url = start_head(temp, cpus=4)
     try:
-        _wait("the head did not come up", lambda: _get(f"{url}/api/jobs/") is not None,
-              [temp / "head.log"])  # fmt: skip
         yield {"gcs": f"127.0.0.1:{gcs}", "dashboard": url, "temp": temp}
     finally:
         _end_session(head)

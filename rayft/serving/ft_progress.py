@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from rayft.serving.ab import read_jsonl
 from rayft.serving.ft_store import new_id
 
 RESULT_COLUMNS = ("step", "train_loss", "valid_loss", "learning_rate", "tokens")
@@ -60,16 +61,7 @@ def total_steps(job_dir: Path) -> int:
 
 
 def read_rows(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:  # the line being written (or torn by a killed writer)
-            break
-    return rows
+    return read_jsonl(run_dir / "metrics.jsonl")  # a line cut short by a killed writer skipped
 
 
 def progress(svc, row: dict[str, Any]) -> None:
