@@ -16,10 +16,13 @@ Measured:
 Both arms train the same number of steps: the API job sends no hyperparameters (all `auto`),
 and `n_epochs: auto` keeps the job file's training.max_steps (checked against the job's
 events). The job file has no validation or test split, the way the service writes a job's own
-file, so both arms do the same work. One run, one machine: the numbers are printed, never
-asserted.
+file, so both arms do the same work. Both checkpoint every --save-steps steps: a running job's
+steps reach the service (metrics.jsonl, hence its events) only with a checkpoint, an evaluation
+or the end, and the chat phase under training waits for the second job's first step event.
+One run, one machine: the numbers are printed, never asserted.
 
-    .venv/bin/python benchmarks/bench_ft_service.py [--rows 48] [--steps 10] [--chats 10]
+    .venv/bin/python benchmarks/bench_ft_service.py [--rows 48] [--steps 10] [--save-steps 5]
+        [--chats 10] [--epochs2 5] [--keep]
 """
 
 from __future__ import annotations
@@ -63,14 +66,15 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _job_file(path: Path, run_dir: Path, data: Path, port: int, steps: int) -> None:
+def _job_file(path: Path, run_dir: Path, data: Path, port: int, steps: int, save: int) -> None:
     path.write_text(
         f"name: bench-ft\nrun_dir: {run_dir}\nmodel: {{base: {BASE}}}\n"
         f"data:\n  train_files: [{data}]\n  format: auto\n  on_error: fail\n"
         "  max_seq_len: 256\n  dedupe: {near: false}\n  split: {validation: 0.0, test: 0.0}\n"
         f"training:\n  method: lora\n  max_steps: {steps}\n  learning_rate: 1.0e-3\n"
         "  lr_scheduler: cosine\n  warmup_ratio: 0.05\n  per_device_batch_size: 1\n"
-        f"  gradient_accumulation_steps: 1\n  eval_steps: null\n  seed: {SEED}\n"
+        f"  gradient_accumulation_steps: 1\n  eval_steps: null\n  save_steps: {save}\n"
+        f"  seed: {SEED}\n"
         "  lora: {r: 16, alpha: 32, dropout: 0.0, target_modules: all-linear}\n"
         "cluster: {num_workers: 1, use_gpu: false}\n"
         f"serve:\n  port: {port}\n  api_key: {API_KEY}\n"
@@ -160,6 +164,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=48, help="rows of examples/data/support.jsonl")
     parser.add_argument("--steps", type=int, default=10, help="training.max_steps of both arms")
+    parser.add_argument("--save-steps", type=int, default=5, help="training.save_steps of both")
     parser.add_argument("--chats", type=int, default=10, help="chat requests per latency phase")
     parser.add_argument("--epochs2", type=int, default=5, help="n_epochs of the second job")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
@@ -171,8 +176,8 @@ def main() -> int:
     data.write_text("\n".join(rows) + "\n")
     port = _free_port()
     cli_job, api_job = work / "cli.yaml", work / "api.yaml"
-    _job_file(cli_job, work / "cli_run", data, port, args.steps)  # the same but for run_dir
-    _job_file(api_job, work / "api_run", data, port, args.steps)
+    for path, run in ((cli_job, "cli_run"), (api_job, "api_run")):  # the same but for run_dir
+        _job_file(path, work / run, data, port, args.steps, args.save_steps)
     print(f"work dir {work}; {len(rows)} rows, max_seq_len 256, {args.steps} steps, LoRA r16, "
           "1 training worker", flush=True)  # fmt: skip
 
@@ -251,10 +256,12 @@ def main() -> int:
         second, to_running2 = _wait_status(c, second.id, ("running",), 0.2, 180, serve_log)
         if second.status != "running":
             raise SystemExit(f"second job {second.status}: {second.error}")
-        wait_start = time.perf_counter()  # until its first optimizer step: training proper
+        wait_start = time.perf_counter()  # until its first step event: training proper
         while not any(e.type == "metrics" for e in _events(c, second.id)):
             if time.perf_counter() - wait_start > 600:
                 raise SystemExit("the second job logged no step in 600 s")
+            if c.fine_tuning.jobs.retrieve(second.id).status != "running":
+                break
             time.sleep(1)
         to_step2 = time.perf_counter() - wait_start + to_running2
         load["chat under training"] = os.getloadavg()[0]
@@ -309,7 +316,7 @@ def main() -> int:
         ("queue -> running (client)", f"{to_running:.2f} s",
          "create() returned -> retrieve() says running, 0.2 s polls"),
         ("  2nd job queue -> running (client)", f"{to_running2:.2f} s",
-         f"first optimizer step {to_step2:.1f} s after create"),
+         f"first step event {to_step2:.1f} s after create"),
         (f"chat idle, {args.chats} requests", f"{idle_med:.3f} s", f"p90 {idle_p90:.3f} s"),
         ("chat while 2nd job trains", f"{load_med:.3f} s",
          f"p90 {load_p90:.3f} s; 2nd job at step {last_step}, "
