@@ -184,6 +184,9 @@ def test_supervised_job_to_a_served_model(server):
                          "run/data/data_report.json").read_text())  # fmt: skip
     # 2 epochs over the packed training sequences at 2 sequences a step
     assert total == -(-2 * report["packing"]["sequences"]["train"] // 2)
+    job_file = (Path(server.job.parent) / "run/fine_tuning/jobs" / job.id / "job.yaml").read_text()
+    port = server.gcs.rsplit(":", 1)[1]  # the GCS may name the node's own IP for 127.0.0.1
+    assert f":{port}\n" in job_file.split("address: ", 1)[1]  # its stages attach to it by name
     assert sorted(steps) == list(range(1, total + 1))
     messages = [e.message for e in events]
     assert (

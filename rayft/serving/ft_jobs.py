@@ -152,6 +152,7 @@ class Service:
     def _write_job_dir(self, job_dir: Path, job_id: str, files: dict, hyper: dict,
                        kind: str, seed: int) -> None:  # fmt: skip
         data = job_file(self.job, job_id, job_dir / "run", files, hyper, kind, seed)
+        data["cluster"]["address"] = _this_cluster()
         job_dir.mkdir(parents=True)
         (job_dir / "job.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
         request = {
@@ -296,6 +297,15 @@ class Service:
         )
 
 
+def _this_cluster() -> str | None:
+    """The GCS address of the cluster this server runs on: the job's stages connect to it by
+    name. Left to itself, a Ray job's driver may attach to whichever Ray on its machine it
+    finds first (seen with two clusters on one node)."""
+    import ray
+
+    return ray.get_runtime_context().gcs_address if ray.is_initialized() else None
+
+
 def submission_id(job_id: str) -> str:
     """The Ray job of a fine-tuning job: one name, so that a cancel always finds it and Ray
     refuses to run it twice."""
@@ -338,7 +348,7 @@ def job_file(
             )
         t["per_device_batch_size"] = 1
         t["gradient_accumulation_steps"] = hyper["batch_size"] // workers
-    cfg["cluster"]["address"] = None  # the Ray job's own cluster (RAY_ADDRESS)
+    cfg["cluster"]["address"] = None  # set to the serving cluster's by the service
     return cfg
 
 
