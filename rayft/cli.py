@@ -90,12 +90,25 @@ def _on_cluster(cfg: JobConfig, stage: str, run) -> None:
         run()
 
 
-def _stage(module: str, function: str, stage: str, **options: str):
+def _plan_check(args: argparse.Namespace, cfg: JobConfig, what: str) -> None:
+    """The pre-launch check (`rayft plan`): a job that does not fit its GPUs (or, on CPU, this
+    machine's RAM) is refused before anything starts, unless --no-plan-check."""
+    if getattr(args, "no_plan_check", False):
+        return
+    from rayft.plan.job import check
+
+    check(cfg, what=what)
+
+
+def _stage(module: str, function: str, stage: str, planned: str = "", **options: str):
     """The command of a stage: `function` of `module` (imported only when it runs: torch and
-    Ray are slow to import) on the loaded job file, with `options` (parameter -> CLI flag)."""
+    Ray are slow to import) on the loaded job file, with `options` (parameter -> CLI flag);
+    `planned` names what the plan check refuses, for a stage that checks it first."""
 
     def command(args: argparse.Namespace) -> int:
         cfg = _load(args)
+        if planned:
+            _plan_check(args, cfg, planned)
         kwargs = {name: getattr(args, flag) for name, flag in options.items()}
 
         def run() -> None:  # imported after the pre-flight: a refusal need not wait for torch
@@ -108,24 +121,7 @@ def _stage(module: str, function: str, stage: str, **options: str):
 
 
 cmd_prepare = _stage("rayft.data", "prepare", "prepare")
-_train = _stage("rayft.training", "train", "train", resume="resume")
-
-
-def _plan_check(args: argparse.Namespace, cfg: JobConfig, what: str) -> None:
-    """The pre-launch check (`rayft plan`): a job that does not fit its GPUs (or, on CPU, this
-    machine's RAM) is refused before anything starts, unless --no-plan-check."""
-    if getattr(args, "no_plan_check", False):
-        return
-    from rayft.plan.job import check
-
-    check(cfg, what=what)
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    _plan_check(args, _load(args), "the training job")
-    return _train(args)
-
-
+cmd_train = _stage("rayft.training", "train", "train", "the training job", resume="resume")
 cmd_eval = _stage("rayft.evaluation", "evaluate", "eval")
 cmd_serve = _stage("rayft.serving", "serve", "serve")
 cmd_merge = _stage("rayft.export", "merge", "")  # merge and export do not use the cluster

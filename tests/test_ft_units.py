@@ -405,7 +405,7 @@ def test_job_create_param_of_a_bad_union_value():
     assert e.value.param == "method.supervised.hyperparameters.n_epochs"
 
 
-# --------------------------------------------------------------------------- ft_jobs.job_file
+# --------------------------------------------------------------------------- ft_runner.job_file
 
 
 def server_job(tmp_path: Path, **kw) -> JobConfig:
@@ -425,7 +425,7 @@ def test_job_file_maps_files_and_fixes_data_rules(tmp_path):
         training={"eval_steps": 5},
         cluster={"num_workers": 2, "address": "ray://head:10001"},
     )  # fmt: skip
-    cfg = ft_jobs.job_file(
+    cfg = ft_runner.job_file(
         job, "ftjob-1", tmp_path / "run", {**TRAIN, **VALID}, AUTO, "supervised", 7
     )
     d, t = cfg["data"], cfg["training"]
@@ -448,7 +448,7 @@ def test_job_file_maps_files_and_fixes_data_rules(tmp_path):
 
 def test_job_file_without_validation_file(tmp_path):
     job = server_job(tmp_path, training={"eval_steps": 5})
-    cfg = ft_jobs.job_file(job, "ftjob-1", tmp_path / "run", TRAIN, AUTO, "supervised", 1)
+    cfg = ft_runner.job_file(job, "ftjob-1", tmp_path / "run", TRAIN, AUTO, "supervised", 1)
     assert cfg["data"]["validation_files"] == []
     assert cfg["training"]["eval_steps"] is None
 
@@ -456,7 +456,7 @@ def test_job_file_without_validation_file(tmp_path):
 def test_job_file_hyperparameters(tmp_path):
     job = server_job(tmp_path, training={"learning_rate": 1e-4, "per_device_batch_size": 4})
     hyper = {"n_epochs": 3, "batch_size": 8, "learning_rate_multiplier": 2.5}
-    cfg = ft_jobs.job_file(job, "ftjob-1", tmp_path / "run", TRAIN, hyper, "supervised", 1)
+    cfg = ft_runner.job_file(job, "ftjob-1", tmp_path / "run", TRAIN, hyper, "supervised", 1)
     t = cfg["training"]
     assert t["learning_rate"] == pytest.approx(2.5e-4)
     assert t["per_device_batch_size"] == 1 and t["gradient_accumulation_steps"] == 4
@@ -466,15 +466,15 @@ def test_job_file_hyperparameters(tmp_path):
 
 def test_job_file_dpo(tmp_path):
     job = server_job(tmp_path)
-    cfg = ft_jobs.job_file(job, "j", tmp_path / "r", TRAIN, {**AUTO, "beta": 0.3}, "dpo", 1)
+    cfg = ft_runner.job_file(job, "j", tmp_path / "r", TRAIN, {**AUTO, "beta": 0.3}, "dpo", 1)
     assert cfg["training"]["objective"] == "dpo" and cfg["training"]["dpo_beta"] == 0.3
-    cfg = ft_jobs.job_file(job, "j", tmp_path / "r", TRAIN, {**AUTO, "beta": "auto"}, "dpo", 1)
+    cfg = ft_runner.job_file(job, "j", tmp_path / "r", TRAIN, {**AUTO, "beta": "auto"}, "dpo", 1)
     assert cfg["training"]["dpo_beta"] == job.training.dpo_beta
 
 
 def test_job_file_batch_size_must_divide_over_workers(tmp_path):
     with pytest.raises(BadRequest) as e:
-        ft_jobs.job_file(
+        ft_runner.job_file(
             server_job(tmp_path), "j", tmp_path / "r", TRAIN, {**AUTO, "batch_size": 3},
             "supervised", 1,
         )  # fmt: skip

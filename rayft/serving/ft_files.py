@@ -139,22 +139,23 @@ def check_rows(path: Path, file_id: str, param: str, kind: str) -> dict[str, str
                     )
                 example = formats.to_example(obj, fmt)
             except RowError as e:
-                return _job_error(param, file_id, line_no, e.field, e.reason)
+                return row_error(param, file_id, line_no, e.field, e.reason)
             want = "preference" if kind == "dpo" else "sft"
             if example.kind != want:
                 what = "a preference row" if example.kind == "preference" else f"a {fmt} row"
                 method = "dpo" if kind == "dpo" else "supervised"
                 need = "preference rows (input, preferred_output, non_preferred_output)"
                 need = need if kind == "dpo" else "chat or text rows"
-                return _job_error(
+                return row_error(
                     param, file_id, line_no, "(row)", f"{what}; method {method} needs {need}"
                 )
     return None
 
 
-def _job_error(param: str, file_id: str, line: int, field: str, reason: str) -> dict[str, str]:
-    return {
-        "code": f"invalid_{param}",
-        "param": param,
-        "message": f"{file_id} line {line}, field {field}: {reason}",
-    }
+def row_error(param: str, file_id: str, line: int, field: str, reason: str) -> dict[str, str]:
+    """A job's error for a bad row of its `param` file (the service's check and prepare's)."""
+    return file_error(param, f"{file_id} line {line}, field {field}: {reason}")
+
+
+def file_error(param: str, message: str) -> dict[str, str]:
+    return {"code": f"invalid_{param}", "param": param, "message": message}

@@ -26,7 +26,8 @@ from rayft.config import JobConfig
 from rayft.serving import ft_progress
 from rayft.serving.errors import BadRequest, NotFound
 from rayft.serving.ft_api import TERMINAL, JobCreate
-from rayft.serving.ft_files import check_filename, check_rows, store_upload
+from rayft.serving.ft_files import check_filename, check_rows, file_error, store_upload
+from rayft.serving.ft_runner import job_file
 from rayft.serving.ft_store import Store, default_url, new_id
 
 log = logging.getLogger("ray.serve")
@@ -35,13 +36,12 @@ WAITING = ("validating_files", "queued")
 
 
 class Service:
-    def __init__(self, job: JobConfig, base_name: str, dashboard: str | None = None):
+    def __init__(self, job: JobConfig, base_name: str):
         ft = job.serve.fine_tuning
         self.job, self.ft, self.base_name = job, ft, base_name
         self.state = Path(ft.state or job.run_path / "fine_tuning").resolve()
         self.state.mkdir(parents=True, exist_ok=True)
         self.store = Store(ft.database or default_url(self.state))
-        self.dashboard = dashboard
         self._client = None
 
     # ------------------------------------------------------------------ files
@@ -151,8 +151,9 @@ class Service:
 
     def _write_job_dir(self, job_dir: Path, job_id: str, files: dict, hyper: dict,
                        kind: str, seed: int) -> None:  # fmt: skip
-        data = job_file(self.job, job_id, job_dir / "run", files, hyper, kind, seed)
-        data["cluster"]["address"] = _this_cluster()
+        data = job_file(
+            self.job, job_id, job_dir / "run", files, hyper, kind, seed, _this_cluster()
+        )
         job_dir.mkdir(parents=True)
         (job_dir / "job.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
         request = {
@@ -210,7 +211,7 @@ class Service:
             from ray._private.services import get_webui_url_from_internal_kv
             from ray.job_submission import JobSubmissionClient
 
-            dashboard = self.dashboard or get_webui_url_from_internal_kv()
+            dashboard = get_webui_url_from_internal_kv()
             if not dashboard:
                 raise RuntimeError(
                     "the Ray cluster has no dashboard, which runs Ray Jobs: start it with its "
@@ -230,8 +231,7 @@ class Service:
                     continue
                 f = self.store.get("files", row[param])
                 if f is None:
-                    error = {"code": f"invalid_{param}", "param": param,
-                             "message": f"{row[param]} was deleted"}  # fmt: skip
+                    error = file_error(param, f"{row[param]} was deleted")
                 else:
                     error = check_rows(Path(f["path"]), f["id"], param, row["method"]["type"])
                 if error:
@@ -310,46 +310,6 @@ def submission_id(job_id: str) -> str:
     """The Ray job of a fine-tuning job: one name, so that a cancel always finds it and Ray
     refuses to run it twice."""
     return f"rayft-{job_id}"
-
-
-def job_file(
-    job: JobConfig, job_id: str, run_dir: Path, files: dict[str, dict], hyper: dict[str, Any],
-    kind: str, seed: int,
-) -> dict[str, Any]:  # fmt: skip
-    """The job file of one fine-tuning job: the server's own job file (model, data rules,
-    training defaults, cluster) with the request's files and hyperparameters. Nothing else of
-    the request reaches it: no paths, no config keys."""
-    cfg = job.model_dump(mode="json", exclude={"serve", "eval", "export"})
-    cfg["name"], cfg["run_dir"] = job_id, str(run_dir)
-    d = cfg["data"]
-    d["train_files"] = [files["training_file"]["path"]]
-    d["validation_files"] = [files["validation_file"]["path"]] if "validation_file" in files else []
-    d["test_files"] = []
-    d["split"] = {**d["split"], "validation": 0.0, "test": 0.0}  # OpenAI trains on every row
-    d["on_error"] = "fail"  # a bad row fails the job (its first bad line is the job's error)
-    d["format"] = "auto"
-    t = cfg["training"]
-    t["seed"] = seed
-    t["objective"] = "dpo" if kind == "dpo" else "sft"
-    if "validation_file" not in files:
-        t["eval_steps"] = None
-    if hyper["learning_rate_multiplier"] != "auto":
-        t["learning_rate"] = t["learning_rate"] * hyper["learning_rate_multiplier"]
-    if hyper.get("beta", "auto") != "auto":
-        t["dpo_beta"] = hyper["beta"]
-    if hyper["batch_size"] != "auto":  # examples per optimizer step, over every worker
-        workers = cfg["cluster"]["num_workers"]
-        if hyper["batch_size"] % workers:
-            raise BadRequest(
-                f"hyperparameters.batch_size={hyper['batch_size']} is not a multiple of the "
-                f"server's {workers} training workers",
-                "hyperparameters.batch_size",
-                "invalid_value",
-            )
-        t["per_device_batch_size"] = 1
-        t["gradient_accumulation_steps"] = hyper["batch_size"] // workers
-    cfg["cluster"]["address"] = None  # set to the serving cluster's by the service
-    return cfg
 
 
 def tick(svc: Service) -> list[dict]:

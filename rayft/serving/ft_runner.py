@@ -1,6 +1,7 @@
 """What a fine-tuning job runs on the cluster, as a Ray job: `python -m rayft.serving.ft_runner
-<job dir>`. The same stages as the CLI (`rayft prepare`, then `rayft train`) on the job file the
-service derived from the request (`<job dir>/job.yaml`, see `ft_jobs.job_file`).
+<job dir>`. The same stages as the CLI (`rayft prepare`, then `rayft train`) on the job file
+derived from the server's job file and the request (`job_file`, written to
+`<job dir>/job.yaml` by the service).
 
 Two things it adds, both read by the service: `n_epochs` becomes `training.max_steps` once
 prepare has counted the training sequences, and a failure is written to `<job dir>/error.json`
@@ -18,6 +19,49 @@ from typing import Any
 
 from rayft.config import JobConfig, load_config
 from rayft.errors import RayftError
+from rayft.serving.errors import BadRequest
+from rayft.serving.ft_files import row_error
+
+
+def job_file(
+    job: JobConfig, job_id: str, run_dir: Path, files: dict[str, dict], hyper: dict[str, Any],
+    kind: str, seed: int, address: str | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """The job file of one fine-tuning job: the server's own job file (model, data rules,
+    training defaults, cluster) with the request's files and hyperparameters. Nothing else of
+    the request reaches it: no paths, no config keys. `address`: the serving cluster's GCS,
+    which the job's stages connect to by name."""
+    cfg = job.model_dump(mode="json", exclude={"serve", "eval", "export"})
+    cfg["name"], cfg["run_dir"] = job_id, str(run_dir)
+    d = cfg["data"]
+    d["train_files"] = [files["training_file"]["path"]]
+    d["validation_files"] = [files["validation_file"]["path"]] if "validation_file" in files else []
+    d["test_files"] = []
+    d["split"] = {**d["split"], "validation": 0.0, "test": 0.0}  # OpenAI trains on every row
+    d["on_error"] = "fail"  # a bad row fails the job (its first bad line is the job's error)
+    d["format"] = "auto"
+    t = cfg["training"]
+    t["seed"] = seed
+    t["objective"] = "dpo" if kind == "dpo" else "sft"
+    if "validation_file" not in files:
+        t["eval_steps"] = None
+    if hyper["learning_rate_multiplier"] != "auto":
+        t["learning_rate"] = t["learning_rate"] * hyper["learning_rate_multiplier"]
+    if hyper.get("beta", "auto") != "auto":
+        t["dpo_beta"] = hyper["beta"]
+    if hyper["batch_size"] != "auto":  # examples per optimizer step, over every worker
+        workers = cfg["cluster"]["num_workers"]
+        if hyper["batch_size"] % workers:
+            raise BadRequest(
+                f"hyperparameters.batch_size={hyper['batch_size']} is not a multiple of the "
+                f"server's {workers} training workers",
+                "hyperparameters.batch_size",
+                "invalid_value",
+            )
+        t["per_device_batch_size"] = 1
+        t["gradient_accumulation_steps"] = hyper["batch_size"] // workers
+    cfg["cluster"]["address"] = address
+    return cfg
 
 
 def steps_for(report: dict[str, Any], cfg: JobConfig, epochs: int, workers: int) -> int:
@@ -40,11 +84,7 @@ def first_reject(data_dir: Path, files: dict[str, list[str]]) -> dict[str, str] 
     r = json.loads(lines[0])
     param, file_id = files.get(r["file"], ["training_file", r["file"]])
     more = f" ({len(lines) - 1} more bad rows)" if len(lines) > 1 else ""
-    return {
-        "code": f"invalid_{param}",
-        "param": param,
-        "message": f"{file_id} line {r['line']}, field {r['field']}: {r['reason']}{more}",
-    }
+    return row_error(param, file_id, r["line"], r["field"], r["reason"] + more)
 
 
 def run(job_dir: Path) -> None:
