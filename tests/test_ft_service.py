@@ -232,6 +232,11 @@ def test_tenants_are_isolated_both_ways(server):
     with pytest.raises(openai.NotFoundError):
         acme.files.retrieve(theirs.id)
     assert theirs.id not in {f.id for f in acme.files.list()}
+    import requests  # a list filter this server does not offer is refused, not ignored
+
+    r = requests.get(f"{server.url}/v1/fine_tuning/jobs", params={"metadata[team]": "x"},
+                     headers={"Authorization": f"Bearer {KEYS['acme']}"}, timeout=30)  # fmt: skip
+    assert r.status_code == 400 and r.json()["error"]["param"] == "metadata[team]", r.text
     admin = server.client("admin")  # the admin key sees every tenant's
     assert {mine["file"], theirs.id} <= {f.id for f in admin.files.list()}
     assert admin.fine_tuning.jobs.retrieve(mine["job"]).organization_id == "acme"

@@ -182,6 +182,21 @@ def checkpoint_object(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def only_query(request, *known: str) -> None:
+    """A list route's query: a parameter it does not offer (OpenAI's `metadata[k]` filter, a
+    misspelling) is refused, not ignored with every row answered."""
+    from rayft.serving.errors import BadRequest
+
+    extra = sorted(set(request.query_params) - set(known))
+    if extra:
+        raise BadRequest(
+            f"Unrecognized request argument supplied: {extra[0]} (this list takes "
+            f"{', '.join(known)})",
+            extra[0],
+            "unknown_parameter",
+        )
+
+
 def page(rows: list[dict[str, Any]], has_more: bool, render) -> dict[str, Any]:
     data = [render(r) for r in rows]
     return {

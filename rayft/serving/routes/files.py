@@ -9,7 +9,7 @@ from fastapi.responses import FileResponse
 from starlette.datastructures import UploadFile
 
 from rayft.serving.errors import BadRequest
-from rayft.serving.ft_api import file_object, page
+from rayft.serving.ft_api import file_object, only_query, page
 from rayft.serving.state import State
 
 router = APIRouter(prefix="/v1/files")
@@ -75,6 +75,7 @@ async def list_files(
     order: str = "desc",
 ) -> dict:
     svc = st.fine_tuning()
+    only_query(request, "purpose", "after", "limit", "order")
     tenant = st.tenant(request)
     if order not in ("asc", "desc") or not 1 <= limit <= 10000:
         raise BadRequest("order is asc or desc, limit 1 to 10000", "order")

@@ -9,7 +9,14 @@ from fastapi import APIRouter, Request
 
 from rayft.serving import openai_api as oa
 from rayft.serving.errors import BadRequest
-from rayft.serving.ft_api import JobCreate, checkpoint_object, event_object, job_object, page
+from rayft.serving.ft_api import (
+    JobCreate,
+    checkpoint_object,
+    event_object,
+    job_object,
+    only_query,
+    page,
+)
 from rayft.serving.state import State
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs")
@@ -32,6 +39,7 @@ async def create(request: Request, st: State) -> dict:
 @router.get("")
 async def list_jobs(request: Request, st: State, after: str | None = None, limit: int = 20) -> dict:
     svc = st.fine_tuning()
+    only_query(request, "after", "limit")
     rows, more = await asyncio.to_thread(
         svc.store.page, "jobs", tenant=st.tenant(request), after=after, limit=_limit(limit)
     )
@@ -55,6 +63,7 @@ async def events(
     job_id: str, request: Request, st: State, after: str | None = None, limit: int = 20
 ) -> dict:
     svc = st.fine_tuning()
+    only_query(request, "after", "limit")
     await asyncio.to_thread(svc.get, st.tenant(request), job_id)  # 404 for another tenant's
     rows, more = await asyncio.to_thread(
         svc.store.page, "events", after=after, limit=_limit(limit), job_id=job_id
@@ -67,6 +76,7 @@ async def checkpoints(
     job_id: str, request: Request, st: State, after: str | None = None, limit: int = 10
 ) -> dict:
     svc = st.fine_tuning()
+    only_query(request, "after", "limit")
     await asyncio.to_thread(svc.get, st.tenant(request), job_id)
     rows, more = await asyncio.to_thread(
         svc.store.page, "checkpoints", after=after, limit=_limit(limit), job_id=job_id
