@@ -148,6 +148,15 @@ def cmd_ab_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_from_feedback(args: argparse.Namespace) -> int:
+    from rayft.data.feedback import from_feedback, summary
+
+    out, rule = Path(args.out), (args.min_good_rating, args.max_bad_rating)
+    report = from_feedback(Path(args.serve_dir), out, *rule, args.exclude_arm, args.experiment)
+    print(summary(report, out))
+    return 0
+
+
 def cmd_cluster_status(args: argparse.Namespace) -> int:
     from rayft.cluster import status
 
@@ -273,6 +282,22 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--experiment", help="experiment name (default: all)")
     r.add_argument("--json", action="store_true", help="print the report as JSON")
     r.set_defaults(func=cmd_ab_report)
+
+    p = sub.add_parser("data", help="training data").add_subparsers(dest="data", required=True)
+    r = p.add_parser("from-feedback", help="KTO and DPO rows from served answers' feedback")
+    r.add_argument("serve_dir", metavar="SERVE_DIR", help="<run_dir>/serve of a serving run")
+    r.add_argument("--out", required=True, help="where kto.jsonl, dpo.jsonl and the report go")
+    r.add_argument("--min-good-rating", type=float, help="good from (1-5: 4; thumbs: 0.5)")
+    r.add_argument("--max-bad-rating", type=float, help="bad up to (1-5: 2; thumbs: below 0.5)")
+    r.add_argument(
+        "--exclude-arm",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="leave this arm's answers out, e.g. the one being trained (repeatable)",
+    )
+    r.add_argument("--experiment", help="only feedback on this experiment's answers")
+    r.set_defaults(func=cmd_data_from_feedback)
 
     add_plan_cli(sub, _config_args)  # offline: will the job fit, where, how long, what cost
 

@@ -304,3 +304,215 @@ def test_tools_must_be_a_list_of_schemas_and_tool_turns_are_chat_only():
     with pytest.raises(RowError) as e:
         to_example({"conversations": convo}, "sharegpt")
     assert e.value.kind == "unknown_role"
+
+
+# --------------------------------------------------------------------------- reinforcement, kto
+
+RFT = {
+    "messages": [
+        {"role": "developer", "content": "Answer with a number."},
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "Do you mean in base ten?"},
+        {"role": "user", "content": "Yes."},
+    ],
+    "reference_answer": "4",
+    "grading": {"tolerance": 0, "aliases": ["four"]},
+}
+KTO = {"prompt": "Capital of France?", "completion": "Paris", "label": True}
+
+
+@pytest.mark.parametrize(
+    "row, objective, fmt",
+    [
+        (RFT, "grpo", "reinforcement"),
+        (RFT, "auto", "chat"),
+        (CHAT, "grpo", "reinforcement"),  # chat rows are prompts for grpo: the answer is refused
+        ({"prompt": "2+2?", "answer": "4"}, "grpo", "reinforcement"),
+        ({"prompt": "2+2?", "answer": "4"}, "auto", None),
+        ({"prompt": "2+2?", "completion": "4"}, "grpo", "prompt_completion"),
+        ({"prompt": "2+2?", "chosen": "4", "rejected": "5"}, "grpo", "preference"),
+        (KTO, "auto", "kto"),
+        (KTO, "grpo", "kto"),
+        ({**KTO, "label": "yes"}, "auto", "kto"),  # then refused for its label, not read as SFT
+        ({"prompt": "2+2?", "completion": "4"}, "auto", "prompt_completion"),
+    ],
+)
+def test_reinforcement_and_kto_detection(row, objective, fmt):
+    assert detect(row, objective) == fmt
+
+
+def test_openai_rft_rows_become_prompts_with_the_other_keys_as_item():
+    ex = to_example({**RFT, "tools": None, "note": None}, "reinforcement")
+    assert ex.kind == "prompt" and ex.prompt_field == "messages"
+    # developer is OpenAI's newer name for the system prompt; earlier answers are context
+    assert [m["role"] for m in ex.prompt] == ["system", "user", "assistant", "user"]
+    assert ex.prompt[-1] == {"role": "user", "content": "Yes."}
+    assert ex.item == {"reference_answer": "4", "grading": {"tolerance": 0, "aliases": ["four"]}}
+    assert ex.messages is None and ex.completion is None and ex.label is None
+
+
+@pytest.mark.parametrize(
+    "row, prompt, item",
+    [
+        ({"prompt": "2+2?", "solution": 4}, [{"role": "user", "content": "2+2?"}], {"solution": 4}),
+        (
+            {
+                "prompt": [
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "Hi"},
+                ]
+            },
+            [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+            {},
+        ),
+    ],
+)
+def test_trl_prompt_only_rows(row, prompt, item):
+    ex = to_example(row, "reinforcement")
+    assert (ex.kind, ex.prompt, ex.item, ex.prompt_field) == ("prompt", prompt, item, "prompt")
+
+
+def _rft(*roles: str, **keys) -> dict:
+    return {"messages": [{"role": r, "content": f"{r} says"} for r in roles], **keys}
+
+
+@pytest.mark.parametrize(
+    "row, kind, field",
+    [
+        (_rft("user", "assistant"), "not_user_last", "messages[1].role"),
+        (
+            _rft("system", "user", "assistant", "user", "assistant"),
+            "not_user_last",
+            "messages[4].role",
+        ),
+        (_rft("developer"), "not_user_last", "messages[0].role"),
+        (
+            {"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+            "not_user_last",
+            "prompt[1].role",
+        ),
+        (_rft(), "empty_content", "messages"),
+        ({"prompt": "  "}, "empty_content", "prompt"),
+        ({"prompt": []}, "empty_content", "prompt"),
+        ({"reference_answer": "4"}, "missing_key", "messages"),
+        (_rft("user", tools=[{"type": "function"}]), "unsupported", "tools"),
+        (_rft("tool", "user"), "unknown_role", "messages[0].role"),
+        (
+            {"messages": [{"role": "user", "content": "q", "name": "ann"}]},
+            "unsupported",
+            "messages[0].name",
+        ),
+        ({"messages": [{"role": "user", "content": 4}]}, "wrong_type", "messages[0].content"),
+    ],
+)
+def test_reinforcement_errors_name_the_field(row, kind, field):
+    with pytest.raises(RowError) as e:
+        to_example(row, "reinforcement")
+    assert (e.value.kind, e.value.field) == (kind, field)
+    if kind == "not_user_last":
+        assert "ends with a user turn" in e.value.reason
+
+
+def test_assistant_last_reason_says_where_the_answer_goes():
+    with pytest.raises(RowError) as e:
+        to_example(_rft("user", "assistant"), "reinforcement")
+    assert "'messages[1].role' is assistant" in e.value.reason
+    assert "reference_answer" in e.value.reason
+
+
+@pytest.mark.parametrize(
+    "row, prompt, completion",
+    [
+        (KTO, [{"role": "user", "content": "Capital of France?"}], "Paris"),
+        (
+            {
+                "prompt": [
+                    {"role": "system", "content": "Geo."},
+                    {"role": "user", "content": "Peru?"},
+                ],
+                "completion": [{"role": "assistant", "content": "Lima"}],
+                "label": False,
+            },
+            [{"role": "system", "content": "Geo."}, {"role": "user", "content": "Peru?"}],
+            "Lima",
+        ),
+    ],
+)
+def test_kto_rows_become_unpaired(row, prompt, completion):
+    ex = to_example(row, "kto")
+    assert (ex.kind, ex.prompt, ex.completion, ex.label) == (
+        "unpaired",
+        prompt,
+        completion,
+        row["label"],
+    )
+
+
+@pytest.mark.parametrize(
+    "changes, kind, field",
+    [
+        ({"label": 1}, "wrong_type", "label"),
+        ({"label": "true"}, "wrong_type", "label"),
+        ({"label": None}, "missing_key", "label"),
+        ({"completion": ""}, "empty_content", "completion"),
+        ({"completion": [{"role": "user", "content": "x"}]}, "no_assistant", "completion"),
+        (
+            {
+                "completion": [
+                    {"role": "assistant", "content": "a"},
+                    {"role": "assistant", "content": "b"},
+                ]
+            },
+            "unsupported",
+            "completion",
+        ),
+        ({"prompt": [{"role": "developer", "content": "x"}]}, "unknown_role", "prompt[0].role"),
+    ],
+)
+def test_kto_errors_name_the_field(changes, kind, field):
+    with pytest.raises(RowError) as e:
+        to_example({**KTO, **changes}, "kto")
+    assert (e.value.kind, e.value.field) == (kind, field)
+
+
+def _clean(rows: list, objective: str, fmt: str = "auto") -> list[dict]:
+    f = sources.InputFile("k.jsonl", "k.jsonl", "file", 0, "")
+    batch = pa.table({"bytes": [_jsonl(rows)], "path": ["k.jsonl"]})
+    raw = sources.split_files(batch, {"k.jsonl": f}, fmt, objective=objective)
+    return stages.validate_clean(raw, True, ["email", "phone"], 32, 3, True).to_pylist()
+
+
+def test_prompt_rows_scrub_the_item_like_the_prompt_and_keep_references_apart():
+    mail = "Write to jane.doe@example.com\u200b or +1 415 555 0132."
+    row = {
+        "messages": [{"role": "user", "content": mail}],
+        "reference_answer": "jane.doe@example.com",
+        "contacts": [{"phone": "+1 415 555 0132", "ok": True}],
+    }
+    out = _clean([row, {**row, "reference_answer": "no address"}, row, _rft("user")], "grpo")
+    assert {r["format"] for r in out} == {"reinforcement"}
+    first = out[0]
+    assert first["kind"] == "prompt" and first["error_kind"] is None
+    assert json.loads(first["prompt"]) == [
+        {"role": "user", "content": "Write to <EMAIL> or <PHONE>."}
+    ]
+    assert json.loads(first["item"]) == {
+        "reference_answer": "<EMAIL>",
+        "contacts": [{"phone": "<PHONE>", "ok": True}],
+    }
+    assert (first["pii_email"], first["pii_phone"]) == (2, 2)
+    # one prompt with two references: two examples; the same row twice: one content id
+    assert out[1]["id"] != first["id"] and out[2]["id"] == first["id"]
+    assert json.loads(out[3]["item"]) == {}
+    assert first["completion"] is None and first["label"] is None and first["messages"] == ""
+
+
+def test_unpaired_rows_keep_opposite_labels_apart():
+    rows = [KTO, {**KTO, "label": False}, KTO, {**KTO, "completion": "Paris, mail a@b.com"}]
+    out = _clean(rows, "auto")
+    assert {r["format"] for r in out} == {"kto"} and {r["kind"] for r in out} == {"unpaired"}
+    assert [r["label"] for r in out] == [True, False, True, True]
+    assert out[0]["id"] != out[1]["id"] and out[0]["id"] == out[2]["id"]
+    assert out[3]["completion"] == "Paris, mail <EMAIL>" and out[3]["pii_email"] == 1
+    assert json.loads(out[0]["prompt"]) == [{"role": "user", "content": "Capital of France?"}]
+    assert out[0]["item"] is None

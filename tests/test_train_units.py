@@ -109,8 +109,25 @@ def test_deepspeed_config_from_keys_and_raw(tmp_path):
 @pytest.mark.parametrize(
     ("training", "cluster", "kind", "expected"),
     [
-        ({"objective": "dpo"}, {}, "sft", "prepared data is SFT"),
+        ({"objective": "dpo"}, {}, "sft", "holds chat, instruction or text rows"),
         ({"objective": "sft"}, {}, "preference", "holds preference pairs"),
+        ({"objective": "reward"}, {}, "sft", "trains on preference pairs"),
+        ({"objective": "kto", "per_device_batch_size": 2}, {}, "preference", "unpaired good/bad"),
+        ({"objective": "kto"}, {}, "unpaired", "per_device_batch_size >= 2"),
+        ({"grader": {"type": "regex", "name": "r", "pattern": "x"}}, {}, "sft", "no rewards"),
+        ({"early_stopping": {}}, {}, "sft", "needs training.eval_steps"),
+        (
+            {"early_stopping": {}, "eval_steps": 2, "save_steps": 4},
+            {},
+            "sft",
+            "leave training.save_steps unset or equal",
+        ),
+        (
+            {"early_stopping": {"metric": "eval_reward"}, "eval_steps": 2},
+            {},
+            "sft",
+            "only grpo has one",
+        ),
         ({"precision": "fp16"}, {}, "sft", "fp16 needs a GPU"),
         ({"deepspeed": {"zero_stage": 2, "offload_params": True}}, {}, "sft", "needs zero_stage 3"),
         ({"deepspeed": {"offload_optimizer": True}}, {}, "sft", "needs zero_stage >= 1"),
@@ -255,7 +272,10 @@ def test_train_refuses_before_any_worker_starts(tmp_path, tiny_model):
 
     write_preference(tmp_path)
     ray_was_up = ray.is_initialized()  # another test of the session may have started it
-    with pytest.raises(TrainConfigError, match="objective=sft but the prepared data holds"):
+    with pytest.raises(
+        TrainConfigError,
+        match="objective=sft trains on chat, instruction or text rows, but the prepared data holds preference",
+    ):
         train(_cfg(tmp_path, objective="sft"))
     assert ray.is_initialized() == ray_was_up  # refused before the driver even touched Ray
     assert not (tmp_path / "metrics.jsonl").exists()

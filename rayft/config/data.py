@@ -65,8 +65,21 @@ class DataConfig(Section):
         description="Explicit test files; when given, no test rows are split off.",
     )
     format: Literal[
-        "auto", "chat", "alpaca", "sharegpt", "prompt_completion", "text", "preference"
-    ] = Field("auto", description="Row format; `auto` detects it per file and says what it found.")
+        "auto",
+        "chat",
+        "alpaca",
+        "sharegpt",
+        "prompt_completion",
+        "text",
+        "preference",
+        "reinforcement",
+        "kto",
+    ] = Field(
+        "auto",
+        description="Row format; `auto` detects it per file and says what it found "
+        "(with training.objective: grpo, chat rows and rows with a prompt but no answer are "
+        "read as `reinforcement` prompts; rows with prompt, completion and label are `kto`).",
+    )
     on_error: Literal["fail", "skip"] = Field(
         "fail",
         description="`fail`: stop before writing any split and list the errors. `skip`: write "

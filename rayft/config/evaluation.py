@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -80,6 +80,14 @@ class EvalConfig(Section):
     )
     checks: list[CheckConfig] = Field(default_factory=list, description="Task checks.")
     judge: JudgeConfig | None = Field(None, description="Optional LLM-as-judge (pairwise).")
+    grader: dict[str, Any] | None = Field(
+        None,
+        description="Score every arm's answers with this grader (an OpenAI grader object or "
+        "rayft's json_keys, regex, python; docs/graders.md) against each test row's item, and "
+        "compare each candidate with the base (paired CI). None: training.grader when set (the "
+        "reward a grpo run trained on), else no grader score. Model graders without their own "
+        "base_url use training.grpo.base_url and api_key_env.",
+    )
     lm_eval: LmEvalConfig | None = Field(
         None,
         description="Optional lm-evaluation-harness tasks, scored for every arm through the "

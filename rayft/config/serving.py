@@ -135,6 +135,12 @@ class ServeConfig(Section):
         description="How long a replica waits to fill a batch (generation takes far longer).",
     )
     max_tokens_limit: int = Field(1024, ge=1, description="Largest max_tokens a request may ask.")
+    log_content: bool = Field(
+        False,
+        description="Keep each answered chat request's messages and the answer in "
+        "serve/transcripts.jsonl, for `rayft data from-feedback`; off by default: it stores "
+        "users' text.",
+    )
     max_loaded_adapters: int = Field(16, ge=1, description="Adapters resident per replica.")
     max_lora_rank: int = Field(
         64,

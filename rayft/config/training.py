@@ -41,6 +41,75 @@ class DeepSpeedConfig(Section):
     )
 
 
+class EarlyStoppingConfig(Section):
+    patience: int = Field(
+        3, ge=1, description="Evaluations in a row without improvement before the run stops."
+    )
+    min_delta: float = Field(
+        0.0, ge=0, description="Smallest change of the metric that counts as an improvement."
+    )
+    metric: Literal["auto", "eval_loss", "eval_reward"] = Field(
+        "auto",
+        description="What must improve: auto is the held-out grader score (eval_reward, higher "
+        "is better) for grpo and the validation loss (lower is better) for every other objective.",
+    )
+
+
+class GrpoConfig(Section):
+    algorithm: Literal["grpo", "rloo"] = Field(
+        "grpo",
+        description="grpo: group-normalised advantages (TRL GRPOTrainer); rloo: leave-one-out "
+        "baseline (TRL RLOOTrainer), same settings.",
+    )
+    num_generations: int = Field(
+        4,
+        ge=2,
+        description="Completions sampled per prompt; workers x per_device_batch_size x "
+        "gradient_accumulation_steps must be a multiple of it.",
+    )
+    max_completion_length: int = Field(64, ge=1, description="Longest completion, in tokens.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the rollouts.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of the rollouts.")
+    beta: float = Field(
+        0.0,
+        ge=0,
+        description="KL coefficient against the starting model; 0 loads no reference model "
+        "(with an adapter the reference is the base with the adapter switched off).",
+    )
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = Field(
+        "dapo", description="How token losses are aggregated (TRL's loss_type)."
+    )
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="Divide advantages by the reward std of the group, the batch, or not."
+    )
+    use_vllm: bool = Field(
+        False,
+        description="GPU only: generate the rollouts with vLLM colocated in each worker "
+        "(TRL vllm_mode=colocate); off: the training model generates.",
+    )
+    base_url: str | None = Field(
+        None,
+        description="OpenAI-compatible endpoint (e.g. a `rayft serve` URL) for score_model and "
+        "label_model graders.",
+    )
+    api_key_env: str | None = Field(
+        None, description="Environment variable holding that endpoint's API key (never the key)."
+    )
+
+
+class KtoConfig(Section):
+    beta: float = Field(0.1, gt=0, description="KTO temperature beta.")
+    desirable_weight: float = Field(
+        1.0, gt=0, description="Loss weight of good (label true) examples."
+    )
+    undesirable_weight: float = Field(
+        1.0,
+        gt=0,
+        description="Loss weight of bad examples; TRL advises keeping "
+        "desirable_weight x good / (undesirable_weight x bad) between 1 and 4/3.",
+    )
+
+
 class TrackingConfig(Section):
     backends: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
         default_factory=list, description="Experiment trackers to report to."
@@ -52,8 +121,11 @@ class TrainingConfig(Section):
     method: Literal["full", "lora", "qlora", "dora"] = Field(
         "lora", description="Fine-tuning method."
     )
-    objective: Literal["auto", "sft", "dpo"] = Field(
-        "auto", description="Training objective; auto: dpo for preference data, else sft."
+    objective: Literal["auto", "sft", "dpo", "grpo", "kto", "reward"] = Field(
+        "auto",
+        description="Training objective; auto: dpo for preference data, grpo for prompt-only "
+        "data, kto for unpaired good/bad data, else sft. reward trains a reward model "
+        "(sequence-classification head) on preference data.",
     )
     max_steps: int = Field(100, ge=1, description="Optimizer steps in total.")
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
@@ -95,4 +167,17 @@ class TrainingConfig(Section):
         default_factory=DeepSpeedConfig, description="DeepSpeed ZeRO."
     )
     dpo_beta: float = Field(0.1, gt=0, description="DPO temperature beta.")
+    grader: dict[str, Any] | None = Field(
+        None,
+        description="grpo: the reward, as an OpenAI grader object (string_check, "
+        "text_similarity, score_model, label_model, multi) or rayft's json_keys, regex and "
+        "python graders; docs/graders.md.",
+    )
+    grpo: GrpoConfig = Field(default_factory=GrpoConfig, description="GRPO / RLOO rollouts.")
+    kto: KtoConfig = Field(default_factory=KtoConfig, description="KTO weights.")
+    early_stopping: EarlyStoppingConfig | None = Field(
+        None,
+        description="Stop when the held-out metric stops improving; the best checkpoint "
+        "becomes the adapter. Needs a validation split.",
+    )
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="Trackers.")

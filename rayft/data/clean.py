@@ -8,6 +8,8 @@ a rare missed phone number does. Separators, though, are taken as people and exp
 them: PII is matched on a folded view of the text (full-width digits and letters as ASCII,
 tabs and no-break spaces as spaces), groups may be apart by runs of spaces, dots or dashes,
 and letters in any case. tests/test_pii_adversarial.py holds both sides to that.
+
+`example` cleans every text of a validated row, whatever its kind.
 """
 
 from __future__ import annotations
@@ -16,6 +18,10 @@ import ipaddress
 import re
 import unicodedata
 from collections import Counter
+from typing import Any
+
+from rayft.data.fields import RowError
+from rayft.data.formats import Example
 
 PLACEHOLDERS = {
     "email": "<EMAIL>",
@@ -280,3 +286,68 @@ def scrub(text: str, types: list[str] | tuple[str, ...], counts: Counter) -> str
             text = "".join(pieces) + text[done:]
             view = _fold(text)
     return text
+
+
+# --------------------------------------------------------------------------- examples
+
+
+def example(ex: Example, normalize_text: bool, pii_types: list[str], counts: Counter) -> Example:
+    """`ex` with every text it holds normalised (`normalize_text`) and scrubbed of `pii_types`:
+    turns, answers, tool-call arguments and every string inside a prompt row's `item`; the
+    placeholders written are added to `counts`. Raises RowError(empty_content) for a text that
+    cleaning left empty, as validation would have."""
+
+    def fix(text: str) -> str:
+        text = normalize(text) if normalize_text else text
+        return scrub(text, pii_types, counts) if pii_types else text
+
+    # Validated again after cleaning: whitespace-only content is empty content.
+    if ex.messages is not None:
+        ex.messages = [_message(m, fix, pii_types, counts) for m in ex.messages]
+        for i, m in enumerate(ex.messages):
+            if not m["content"] and "tool_calls" not in m:
+                raise RowError("empty_content", f"messages[{i}].content", "content is empty")
+    if ex.text is not None:
+        ex.text = fix(ex.text)
+        if not ex.text:
+            raise RowError("empty_content", "text", "'text' is empty")
+    if ex.prompt is not None:
+        ex.prompt = [_message(m, fix, pii_types, counts) for m in ex.prompt]
+    if ex.kind in ("prompt", "unpaired"):
+        for i, m in enumerate(ex.prompt or []):
+            if not m["content"]:
+                field = f"{ex.prompt_field}[{i}].content"
+                raise RowError("empty_content", field, f"'{field}' is empty")
+    # The grader's reference is scrubbed as the prompt is: an address in both stays the same.
+    ex.item = _value(ex.item, fix)
+    answers = {"preference": ("chosen", "rejected"), "unpaired": ("completion",)}
+    for name in answers.get(ex.kind, ()):
+        setattr(ex, name, fix(getattr(ex, name) or ""))
+        if not getattr(ex, name):
+            raise RowError("empty_content", name, f"'{name}' is empty")
+    return ex
+
+
+def _message(m: dict[str, Any], fix, pii_types: list[str], counts: Counter) -> dict[str, Any]:
+    m = {**m, "content": fix(m["content"])}
+    if "tool_calls" in m:  # arguments are text the model learns to write: scrubbed too
+        m["tool_calls"] = [_scrub_call(c, pii_types, counts) for c in m["tool_calls"]]
+    return m
+
+
+def _scrub_call(call: dict[str, Any], pii_types: list[str], counts: Counter) -> dict[str, Any]:
+    arguments = call["function"]["arguments"]
+    if pii_types:
+        arguments = scrub(arguments, pii_types, counts)
+    return {**call, "function": {**call["function"], "arguments": arguments}}
+
+
+def _value(value: Any, fix) -> Any:
+    """Every string inside a JSON value cleaned; the keys of objects are names, kept."""
+    if isinstance(value, str):
+        return fix(value)
+    if isinstance(value, list):
+        return [_value(v, fix) for v in value]
+    if isinstance(value, dict):
+        return {k: _value(v, fix) for k, v in value.items()}
+    return value

@@ -65,8 +65,9 @@ def messages(
 ) -> list[dict[str, Any]]:
     """{role, content} per message. `openai` reads OpenAI's message keys: "chat" keeps
     `name`, `weight` 0 and the tool turns (an assistant turn with `tool_calls`, its content
-    possibly null; `tool` turns with content and tool_call_id); "preference" reports them,
-    as preference rows reach the trainer as role and content only."""
+    possibly null; `tool` turns with content and tool_call_id); any other value (the row's
+    format: "preference", "reinforcement", "kto") reports them, as those rows reach the
+    trainer as role and content only."""
     if not isinstance(value, list):
         raise RowError("wrong_type", field, f"'{field}' must be a list, got {type(value).__name__}")
     if not value:
@@ -92,7 +93,7 @@ def messages(
                 f"{where}.{role_key}",
                 f"unknown role {raw_role!r} (known: {known}){legacy}",
             )
-        extras = _openai_keys(m, where, role, chat) if openai else {}
+        extras = _openai_keys(m, where, role, openai) if openai else {}
         if "tool_calls" in extras:
             message: dict[str, Any] = {
                 "role": role,
@@ -107,10 +108,12 @@ def messages(
     return out
 
 
-def _openai_keys(m: dict, where: str, role: str, chat: bool) -> dict[str, Any]:
+def _openai_keys(m: dict, where: str, role: str, fmt: str) -> dict[str, Any]:
     """What rayft keeps of an OpenAI message's keys beyond role and content (chat rows:
-    `tool_calls`, `name`, `weight` 0), or a RowError for a key it cannot train with."""
+    `tool_calls`, `name`, `weight` 0), or a RowError for a key it cannot train with; `fmt`
+    is the row's format."""
     given = {k: v for k, v in m.items() if v is not None}
+    chat = fmt == "chat"
     for key, instead in NOT_TRAINED.items():
         if key in given:
             raise RowError("unsupported", f"{where}.{key}", f"'{where}.{key}': {instead}")
@@ -119,15 +122,15 @@ def _openai_keys(m: dict, where: str, role: str, chat: bool) -> dict[str, Any]:
             raise RowError(
                 "bad_weight",
                 f"{where}.weight",
-                f"'{where}.weight' has no meaning in a preference row: its prompt is never "
-                "learned and its answers are compared whole; leave 'weight' out",
+                f"'{where}.weight' has no meaning in a {fmt} row: its prompt is never "
+                "learned, and an answer always whole; leave 'weight' out",
             )
         for key in ("name", "tool_calls", "tool_call_id"):
             if key in given:
                 raise RowError(
                     "unsupported",
                     f"{where}.{key}",
-                    f"'{where}.{key}': preference rows reach the trainer as role and content "
+                    f"'{where}.{key}': {fmt} rows reach the trainer as role and content "
                     f"only, so '{key}' would be lost; leave it out",
                 )
         return {}

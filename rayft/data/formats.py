@@ -1,7 +1,9 @@
 """Row formats: detect them, validate one row, and turn it into rayft's one internal shape.
 
-Every format becomes either an SFT example (`messages`: list of {role, content}; plain text
-rows carry `text` instead) or a preference example (`prompt` messages, `chosen`, `rejected`).
+Every format becomes one of four kinds of example: SFT (`messages`: list of {role, content};
+plain text rows carry `text` instead), preference (`prompt` messages, `chosen`, `rejected`),
+prompt (reinforcement rows: `prompt` messages ending with the user turn, and the `item` the
+grader reads) or unpaired (KTO rows: `prompt` messages, one `completion`, a boolean `label`).
 Validation follows OpenAI's fine-tuning data checks; each problem is a `RowError` naming the
 field, so the pipeline can report file, line and field. Every key of OpenAI's chat, tools and
 preference formats is either kept for training or reported (docs/contracts.md has the table);
@@ -18,8 +20,16 @@ from typing import Any
 from rayft.data import fields
 from rayft.data.fields import RowError
 
-FORMATS = ("chat", "alpaca", "sharegpt", "prompt_completion", "text", "preference")
-KIND_OF = {f: ("preference" if f == "preference" else "sft") for f in FORMATS}
+FORMATS = ("chat", "alpaca", "sharegpt", "prompt_completion", "text", "preference",
+           "reinforcement", "kto")  # fmt: skip
+KIND_OF = {f: "sft" for f in FORMATS} | {
+    "preference": "preference",
+    "reinforcement": "prompt",
+    "kto": "unpaired",
+}
+# Reinforcement prompts: OpenAI's RFT rows may give the instructions as a `developer` turn, its
+# newer name for the system prompt; open models' chat templates know only `system`.
+PROMPT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 # ShareGPT speakers as the common exports spell them.
 SHAREGPT_ROLES = {
     "system": "system",
@@ -37,31 +47,41 @@ SHAREGPT_ROLES = {
 class Example:
     """A valid row in rayft's internal shape (before cleaning)."""
 
-    kind: str  # sft | preference
+    kind: str  # sft | preference | prompt | unpaired
     messages: list[dict[str, str]] | None = None  # sft chat rows
     text: str | None = None  # sft plain-text rows
     tools: list[dict[str, Any]] | None = None  # chat rows: the tool schemas offered
     parallel_tool_calls: bool | None = None  # chat rows: False when the row says so, else None
-    prompt: list[dict[str, str]] | None = None  # preference rows
+    prompt: list[dict[str, str]] | None = None  # preference, prompt and unpaired rows
+    prompt_field: str = "prompt"  # where the row gave the prompt, for errors
     chosen: str | None = None
     rejected: str | None = None
+    item: dict[str, Any] | None = None  # prompt rows: the row's other keys, for the grader
+    completion: str | None = None  # unpaired rows
+    label: bool | None = None  # unpaired rows: whether the completion is a desirable one
 
 
-def detect(obj: Any) -> str | None:
-    """The format a parsed row looks like, or None."""
+def detect(obj: Any, objective: str = "auto") -> str | None:
+    """The format a parsed row looks like, or None. For `training.objective` grpo, chat rows
+    and rows with a prompt but no answer are reinforcement prompts."""
     if not isinstance(obj, dict):
         return None
     keys = set(obj)
+    grpo = objective == "grpo"
     if "messages" in keys:
-        return "chat"
+        return "reinforcement" if grpo else "chat"
     if "conversations" in keys:
         return "sharegpt"
     if {"chosen", "rejected"} <= keys or {"preferred_output", "non_preferred_output"} <= keys:
         return "preference"
     if "instruction" in keys and "output" in keys:
         return "alpaca"
+    if {"prompt", "completion", "label"} <= keys:
+        return "kto"
     if {"prompt", "completion"} <= keys:
         return "prompt_completion"
+    if grpo and "prompt" in keys and not keys & {"completion", "chosen"}:
+        return "reinforcement"
     if "text" in keys:
         return "text"
     return None
@@ -164,24 +184,32 @@ def _plain(obj: dict) -> Example:
     return Example("sft", text=fields.text(obj, "text"))
 
 
-def _answer(value: Any, field: str) -> str:
-    """A preference answer: a string, or a list holding one assistant message (OpenAI's
-    preference format trains one-turn answers)."""
+def _answer(value: Any, field: str, openai: str = "preference") -> str:
+    """A preference or KTO answer: a string, or a list holding one assistant message (OpenAI's
+    preference format trains one-turn answers, and TRL's trainers take one answer)."""
     if isinstance(value, str):
         if not value.strip():
             raise RowError("empty_content", field, f"'{field}' is empty")
         return value
-    messages = fields.messages(value, field, openai="preference")
+    messages = fields.messages(value, field, openai=openai)
     if messages[-1]["role"] != "assistant":
         raise RowError("no_assistant", field, f"'{field}' must end with an assistant turn")
     if len(messages) > 1:
         raise RowError(
             "unsupported",
             field,
-            f"'{field}' holds {len(messages)} messages; a preference row compares one "
-            "assistant answer per side: move the turns before it into the prompt",
+            f"'{field}' holds {len(messages)} messages; a {openai} row takes one assistant "
+            "answer: move the turns before it into the prompt",
         )
     return messages[-1]["content"]
+
+
+def _prompt(obj: dict, openai: str) -> list[dict[str, Any]]:
+    """`prompt` as messages: a string is one user turn."""
+    if not isinstance(obj.get("prompt"), list):
+        return [{"role": "user", "content": fields.text(obj, "prompt")}]
+    roles = PROMPT_ROLES if openai == "reinforcement" else None
+    return fields.messages(obj["prompt"], "prompt", roles=roles, openai=openai)
 
 
 def _preference(obj: dict) -> Example:
@@ -211,15 +239,65 @@ def _preference(obj: dict) -> Example:
         for key in ("prompt", "chosen", "rejected"):
             if key not in obj:
                 raise RowError("missing_key", key, f"missing required key '{key}'")
-        p = obj["prompt"]
-        prompt = (
-            [{"role": "user", "content": fields.text(obj, "prompt")}]
-            if not isinstance(p, list)
-            else fields.messages(p, "prompt", openai="preference")
-        )
+        prompt = _prompt(obj, "preference")
         chosen = _answer(obj["chosen"], "chosen")
         rejected = _answer(obj["rejected"], "rejected")
     return Example("preference", prompt=prompt, chosen=chosen, rejected=rejected)
+
+
+def _reinforcement(obj: dict) -> Example:
+    # OpenAI's reinforcement fine-tuning rows: `messages`, the rest for the grader; TRL's
+    # prompt-only rows: `prompt` (text or messages), the rest for the reward functions.
+    if obj.get("messages") is not None or obj.get("prompt") is None:
+        if obj.get("messages") is None:
+            raise RowError(
+                "missing_key", "messages", "missing required key 'messages' (or TRL's 'prompt')"
+            )
+        if obj.get("tools"):
+            raise RowError(
+                "unsupported",
+                "tools",
+                "'tools': rayft does not prepare reinforcement prompts with tool schemas yet; "
+                "leave 'tools' out of these rows",
+            )
+        field, rest = "messages", ("messages", "tools")
+        prompt = fields.messages(obj[field], field, roles=PROMPT_ROLES, openai="reinforcement")
+    else:
+        field, rest = "prompt", ("prompt",)
+        prompt = _prompt(obj, "reinforcement")
+    last = len(prompt) - 1
+    if prompt[last]["role"] != "user":
+        why = (
+            "the model writes the answer while it trains, and the grader finds a reference in "
+            "the row's other keys: move the answer into one, e.g. 'reference_answer'"
+            if prompt[last]["role"] == "assistant"
+            else "the turn the model answers"
+        )
+        raise RowError(
+            "not_user_last",
+            f"{field}[{last}].role",
+            f"'{field}[{last}].role' is {obj[field][last]['role']}, but a reinforcement prompt "
+            f"ends with a user turn ({why}); assistant turns before it are context",
+        )
+    # A key set to null counts as absent, as elsewhere: Parquet gives every row every key.
+    item = {k: v for k, v in obj.items() if k not in rest and v is not None}
+    return Example("prompt", prompt=prompt, prompt_field=field, item=item)
+
+
+def _kto(obj: dict) -> Example:
+    for key in ("prompt", "completion", "label"):
+        if obj.get(key) is None:
+            raise RowError("missing_key", key, f"missing required key '{key}'")
+    if not isinstance(obj["label"], bool):
+        raise RowError(
+            "wrong_type",
+            "label",
+            "'label' must be true (a desirable completion) or false (an undesirable one), "
+            f"got {json.dumps(obj['label'])}",
+        )
+    prompt = _prompt(obj, "kto")
+    completion = _answer(obj["completion"], "completion", "kto")
+    return Example("unpaired", prompt=prompt, completion=completion, label=obj["label"])
 
 
 _CONVERT: dict[str, Callable[[dict], Example]] = {
@@ -229,4 +307,6 @@ _CONVERT: dict[str, Callable[[dict], Example]] = {
     "prompt_completion": _prompt_completion,
     "text": _plain,
     "preference": _preference,
+    "reinforcement": _reinforcement,
+    "kto": _kto,
 }

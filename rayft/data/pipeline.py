@@ -75,11 +75,12 @@ def prepare(cfg: JobConfig) -> DataArtifacts:
         # progress: every block a Ray Data execution in this process produces or takes
         Watchdog(c.stall_timeout, "data block", stage="prepare", autoscaling=c.autoscaling) as dog,
     ):
-        tokenized = _read_clean_tokenize(files, d, model_path).materialize()
+        objective = cfg.training.objective  # grpo reads chat rows as reinforcement prompts
+        tokenized = _read_clean_tokenize(files, d, model_path, objective).materialize()
         facts = _collect_cleaned(tokenized)
         marks = [start]
         timings = {"read_validate_clean_tokenize": _lap(marks)}
-        _announce_formats(facts["formats"], d.format)
+        _announce_formats(facts["formats"], d.format, objective)
         _progress(
             f"read, validated, cleaned and tokenized {facts['rows_in']} rows "
             f"({len(facts['rejects'])} rejected)",
@@ -102,7 +103,7 @@ def prepare(cfg: JobConfig) -> DataArtifacts:
             f"{len(facts['signatures'])} valid rows",
             timings["dedupe"],
         )
-        schema = stages.SFT_SCHEMA if kind == "sft" else stages.PREFERENCE_SCHEMA
+        schema = stages.SCHEMAS[kind]
         drop = frozenset(exact | near)
         stats = _collect_tokenized(tokenized, schema, drop)
         timings["collect"] = _lap(marks)
@@ -179,7 +180,9 @@ def _clear(data_dir: Path) -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
 
 
-def _read_clean_tokenize(files: list[sources.InputFile], d: DataConfig, model_path: str):
+def _read_clean_tokenize(
+    files: list[sources.InputFile], d: DataConfig, model_path: str, objective: str
+):
     import ray.data
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
@@ -195,7 +198,11 @@ def _read_clean_tokenize(files: list[sources.InputFile], d: DataConfig, model_pa
             sources.split_files,
             batch_size=1,
             batch_format="pyarrow",
-            fn_kwargs={"files": {f.path: f for f in group}, "fmt": d.format},
+            fn_kwargs={
+                "files": {f.path: f for f in group},
+                "fmt": d.format,
+                "objective": objective,
+            },
         )
         parts.append(ds)
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
@@ -283,19 +290,24 @@ def _collect_cleaned(ds) -> dict[str, Any]:
     }
 
 
-def _announce_formats(formats: dict[str, str], configured: str) -> None:
+def _announce_formats(formats: dict[str, str], configured: str, objective: str) -> None:
     from rich.console import Console
 
     how = "detected" if configured == "auto" else "configured"
     for f, fmt in formats.items():
-        Console().print(f"[bold]{f}[/bold]: format {fmt} ({how})")
+        why = (
+            f", as training.objective is {objective}"
+            if how == "detected" and fmt == "reinforcement"
+            else ""
+        )
+        Console().print(f"[bold]{f}[/bold]: format {fmt} ({how}{why})")
 
 
 def _single_kind(kinds: Counter) -> str:
     if len(kinds) > 1:
         raise DataValidationError(
-            f"the inputs mix SFT and preference rows ({dict(kinds)}); one run trains one "
-            "objective: prepare them as separate runs"
+            f"the inputs mix kinds of rows ({dict(kinds)}); one run trains one objective: "
+            "prepare them as separate runs"
         )
     if not kinds:
         raise DataValidationError("no valid rows: every input row was rejected (see rejects.jsonl)")

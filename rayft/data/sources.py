@@ -172,12 +172,13 @@ def _items(data: bytes, path: str) -> list[tuple[int, str, str | None]]:
     return out
 
 
-def detect_format(raws: list[str], sample: int = 50) -> str:
-    """Majority format among the first parsable rows; `unknown` when none matches."""
+def detect_format(raws: list[str], sample: int = 50, objective: str = "auto") -> str:
+    """Majority format among the first parsable rows; `unknown` when none matches. Chat rows
+    are reinforcement prompts for `training.objective` grpo (`formats.detect`)."""
     votes: Counter = Counter()
     for raw in raws:
         try:
-            fmt = detect(parse_line(raw))
+            fmt = detect(parse_line(raw), objective)
         except ValueError:
             continue
         if fmt:
@@ -187,15 +188,18 @@ def detect_format(raws: list[str], sample: int = 50) -> str:
     return votes.most_common(1)[0][0] if votes else "unknown"
 
 
-def split_files(batch: pa.Table, files: dict[str, InputFile], fmt: str) -> pa.Table:
-    """Ray Data UDF: files (bytes, path) -> raw rows with file, line and detected format."""
+def split_files(
+    batch: pa.Table, files: dict[str, InputFile], fmt: str, objective: str = "auto"
+) -> pa.Table:
+    """Ray Data UDF: files (bytes, path) -> raw rows with file, line and detected format
+    (`fmt` auto; `objective` is the job's training.objective, which detection heeds)."""
     cols: dict[str, list[Any]] = {name: [] for name in RAW_SCHEMA.names}
     for data, path in zip(batch["bytes"].to_pylist(), batch["path"].to_pylist(), strict=True):
         f = files[path]
         try:
             items = _items(data, path)
             texts = [raw for _, raw, error in items if error is None]
-            file_fmt = fmt if fmt != "auto" else detect_format(texts)
+            file_fmt = fmt if fmt != "auto" else detect_format(texts, objective=objective)
         except UnicodeDecodeError as e:  # a JSON array that is not UTF-8
             line = data[: e.start].count(b"\n") + 1
             items = [(line, "cannot read the file: not valid UTF-8; re-encode it as UTF-8", None)]

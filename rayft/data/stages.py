@@ -36,6 +36,9 @@ CLEAN_SCHEMA = pa.schema(
         ("prompt", pa.string()),
         ("chosen", pa.string()),
         ("rejected", pa.string()),
+        ("item", pa.string()),  # prompt rows: JSON object
+        ("completion", pa.string()),
+        ("label", pa.bool_()),
         ("minhash", pa.binary()),
         *[(f"pii_{t}", pa.int32()) for t in PII_TYPES],
     ]
@@ -53,6 +56,7 @@ SFT_SCHEMA = pa.schema(
         ("num_tokens", pa.int32()),
     ]
 )
+# The other kinds stay text, as TRL's trainers take them: `prompt` is a JSON list of messages.
 PREFERENCE_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
@@ -64,24 +68,34 @@ PREFERENCE_SCHEMA = pa.schema(
         ("num_tokens", pa.int32()),
     ]
 )
+PROMPT_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("source", pa.string()),
+        ("kind", pa.string()),
+        ("prompt", pa.string()),
+        ("item", pa.string()),  # JSON object: the row's other keys, for the grader
+        ("num_tokens", pa.int32()),
+    ]
+)
+UNPAIRED_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("source", pa.string()),
+        ("kind", pa.string()),
+        ("prompt", pa.string()),
+        ("completion", pa.string()),
+        ("label", pa.bool_()),
+        ("num_tokens", pa.int32()),
+    ]
+)
+SCHEMAS = {
+    "sft": SFT_SCHEMA,
+    "preference": PREFERENCE_SCHEMA,
+    "prompt": PROMPT_SCHEMA,
+    "unpaired": UNPAIRED_SCHEMA,
+}
 # --------------------------------------------------------------------------- validate + clean
-
-
-def _clean_messages(messages, fix, pii_types, counts) -> list[dict[str, Any]]:
-    out = []
-    for m in messages:
-        m = {**m, "content": fix(m["content"], pii_types, counts)}
-        if "tool_calls" in m:  # arguments are text the model learns to write: scrubbed too
-            m["tool_calls"] = [_scrub_call(c, pii_types, counts) for c in m["tool_calls"]]
-        out.append(m)
-    return out
-
-
-def _scrub_call(call: dict[str, Any], pii_types: list[str], counts: Counter) -> dict[str, Any]:
-    arguments = call["function"]["arguments"]
-    if pii_types:
-        arguments = clean.scrub(arguments, pii_types, counts)
-    return {**call, "function": {**call["function"], "arguments": arguments}}
 
 
 def clean_row(
@@ -95,32 +109,11 @@ def clean_row(
             "unknown_format",
             "(row)",
             "no known format keys (messages, conversations, instruction/output, "
-            "prompt/completion, text, prompt/chosen/rejected); set data.format explicitly",
+            "prompt/completion, text, prompt/chosen/rejected, prompt/completion/label); set "
+            "data.format explicitly (prompts for reinforcement fine-tuning: reinforcement)",
         )
-
-    def fix(text: str, types: list[str], c: Counter) -> str:
-        text = clean.normalize(text) if normalize else text
-        return clean.scrub(text, types, c) if types else text
-
     ex = formats.to_example(formats.parse_line(raw), fmt)
-    # Validate again after cleaning: whitespace-only content is empty content.
-    if ex.messages is not None:
-        ex.messages = _clean_messages(ex.messages, fix, pii_types, counts)
-        for i, m in enumerate(ex.messages):
-            if not m["content"] and "tool_calls" not in m:
-                raise RowError("empty_content", f"messages[{i}].content", "content is empty")
-    if ex.text is not None:
-        ex.text = fix(ex.text, pii_types, counts)
-        if not ex.text:
-            raise RowError("empty_content", "text", "'text' is empty")
-    if ex.prompt is not None:
-        ex.prompt = _clean_messages(ex.prompt, fix, pii_types, counts)
-        ex.chosen = fix(ex.chosen or "", pii_types, counts)
-        ex.rejected = fix(ex.rejected or "", pii_types, counts)
-        for name in ("chosen", "rejected"):
-            if not getattr(ex, name):
-                raise RowError("empty_content", name, f"'{name}' is empty")
-    return ex
+    return clean.example(ex, normalize, pii_types, counts)
 
 
 def content_parts(ex: formats.Example) -> list[tuple[str, str]]:
@@ -142,6 +135,10 @@ def content_parts(ex: formats.Example) -> list[tuple[str, str]]:
     if ex.text is not None:
         return [("text", ex.text)]
     prompt = [(m["role"], m["content"]) for m in ex.prompt or []]
+    if ex.kind == "prompt":  # one prompt with two references is two examples
+        return [*prompt, ("item", json.dumps(ex.item, sort_keys=True, ensure_ascii=False))]
+    if ex.kind == "unpaired":  # and one answer labelled both ways too: KTO sees the conflict
+        return [*prompt, ("completion", ex.completion or ""), ("label", str(ex.label).lower())]
     return [*prompt, ("chosen", ex.chosen or ""), ("rejected", ex.rejected or "")]
 
 
@@ -178,6 +175,9 @@ def validate_clean(
                 prompt=json.dumps(ex.prompt, ensure_ascii=False) if ex.prompt else None,
                 chosen=ex.chosen,
                 rejected=ex.rejected,
+                item=json.dumps(ex.item, ensure_ascii=False) if ex.kind == "prompt" else None,
+                completion=ex.completion,
+                label=ex.label,
             )
             if near:
                 near_keys.append((len(cols["id"]), dedupe.near_key(parts)))
@@ -233,8 +233,8 @@ def tokenize(
             r["split"] = r["split_hint"] or split.assign(r["id"], validation, test, seed)
             valid.append(r)
     sft = [r for r in valid if r["kind"] == "sft"]
-    preference = [r for r in valid if r["kind"] == "preference"]
-    for r, out in zip(sft + preference, stage.sft(sft) + stage.preference(preference), strict=True):
+    text = [r for r in valid if r["kind"] != "sft"]
+    for r, out in zip(sft + text, stage.sft(sft) + stage.text(text), strict=True):
         r.update(out)
     return pa.Table.from_pylist(rows, schema=TOKENIZED_SCHEMA)
 
@@ -294,15 +294,19 @@ class Tokenize:
             }
         return out
 
-    def preference(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Per row (prompt, chosen, rejected): num_tokens, overlength; or the refusal."""
+    def text(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Per preference, prompt or unpaired row: num_tokens (the prompt with the generation
+        prompt, and its longer answer where it has any), overlength; or the refusal."""
         out = []
         for r in rows:
             prompt = json.loads(r["prompt"])
             try:
-                n = tokens.preference_tokens(self.tok, prompt, r["chosen"], r["rejected"])
+                if r["kind"] == "preference":
+                    n = tokens.preference_tokens(self.tok, prompt, r["chosen"], r["rejected"])
+                else:
+                    n = tokens.prompt_tokens(self.tok, prompt, r["completion"])
             except RowError as e:
-                row = {"prompt": prompt, "chosen": r["chosen"], "rejected": r["rejected"]}
+                row = {"prompt": prompt} | {k: r[k] for k in _BESIDE_PROMPT[r["kind"]]}
                 out.append(_template_reject(e, row))
                 continue
             status = ""
@@ -311,6 +315,14 @@ class Tokenize:
                 status = "truncated" if self.overlength == "truncate" else "dropped"
             out.append({"num_tokens": n, "overlength": status})
         return out
+
+
+# The columns of each text kind beside its prompt: a template's refusal shows them in `row`.
+_BESIDE_PROMPT = {
+    "preference": ("chosen", "rejected"),
+    "prompt": ("item",),
+    "unpaired": ("completion", "label"),
+}
 
 
 def _template_reject(e: RowError, row: dict[str, Any]) -> dict[str, Any]:

@@ -381,3 +381,12 @@ def preference_tokens(tok: Any, prompt: list[dict[str, str]], chosen: str, rejec
     prompt_text = template.apply(tok, prompt, "prompt", add_generation_prompt=True)
     lengths = tok([prompt_text, chosen, rejected], add_special_tokens=False)["input_ids"]
     return len(lengths[0]) + max(len(lengths[1]), len(lengths[2])) + 1  # + end of turn
+
+
+def prompt_tokens(tok: Any, prompt: list[dict[str, str]], completion: str | None = None) -> int:
+    """Prompt (with generation prompt) plus a KTO row's completion, in tokens; a GRPO prompt
+    has none (the policy writes it)."""
+    texts = [template.apply(tok, prompt, "prompt", add_generation_prompt=True)]
+    texts += [completion] if completion is not None else []
+    lengths = [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
+    return lengths[0] + sum(n + 1 for n in lengths[1:])  # + end of turn

@@ -8,7 +8,8 @@ copy: close, not identical); the NLL pass runs on that engine's model (`engine.l
 replica loads one model.
 
 Rows are {idx, kind, prompt, reference}: `kind="test"` rows carry a chat prompt (JSON
-messages) and the reference answer; they are answered and the reference is scored. `kind="text"`
+messages) and the reference answer ("" for prompt rows of grpo data, which have none); they are
+answered and the reference is scored. `kind="text"`
 rows (the general-text set) have no prompt: only the text's own NLL is computed.
 """
 
@@ -95,7 +96,17 @@ class ArmRunner:
         }
 
     def _nll(self, prompts: list[list[int]], targets: list[str]) -> tuple[list[float], list[int]]:
-        """Summed NLL of each target's tokens given its prompt (answer tokens only)."""
+        """Summed NLL of each target's tokens given its prompt (answer tokens only); 0 over 0
+        tokens for an empty target (a prompt row has no reference), without a forward pass."""
+        nll, ntok = [0.0] * len(targets), [0] * len(targets)
+        todo = [i for i, t in enumerate(targets) if t]
+        if todo:
+            sums, counts = self._nll_of([prompts[i] for i in todo], [targets[i] for i in todo])
+            for i, s, c in zip(todo, sums, counts, strict=True):
+                nll[i], ntok[i] = s, c
+        return nll, ntok
+
+    def _nll_of(self, prompts: list[list[int]], targets: list[str]) -> tuple[list, list]:
         torch = self.torch
         seqs, labels = [], []
         for p, target in zip(prompts, targets, strict=True):

@@ -20,12 +20,12 @@ def _png(fig: plt.Figure) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def read_loss_curves(metrics_file: Path) -> dict[str, list[tuple[int, float]]]:
-    """`loss` and `eval_loss` by step from metrics.jsonl; empty when there is none.
+def read_curves(metrics_file: Path, keys: tuple[str, ...]) -> dict[str, list[tuple[int, float]]]:
+    """Each of `keys` by step from metrics.jsonl; empty when there is none.
 
     A resumed run logs the steps after its checkpoint again: the last value of a step wins.
     """
-    by_step: dict[str, dict[int, float]] = {"loss": {}, "eval_loss": {}}
+    by_step: dict[str, dict[int, float]] = {key: {} for key in keys}
     if metrics_file.exists():
         for line in metrics_file.read_text().splitlines():
             row = json.loads(line) if line.strip() else {}
@@ -35,20 +35,36 @@ def read_loss_curves(metrics_file: Path) -> dict[str, list[tuple[int, float]]]:
     return {key: sorted(points.items()) for key, points in by_step.items()}
 
 
-def loss_plot(curves: dict[str, list[tuple[int, float]]]) -> str | None:
+def read_loss_curves(metrics_file: Path) -> dict[str, list[tuple[int, float]]]:
+    return read_curves(metrics_file, ("loss", "eval_loss"))
+
+
+def _curves_plot(curves: dict[str, list[tuple[int, float]]], labels: dict, ylabel: str):
+    """The training curve as a line, the held-out one (logged at evaluations) with markers."""
     if not any(curves.values()):
         return None
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    labels = {"loss": "training loss", "eval_loss": "validation loss"}
     for key, points in curves.items():
         if points:
             steps, values = zip(*sorted(points), strict=True)
-            ax.plot(steps, values, marker="o" if key == "eval_loss" else None, label=labels[key])
+            ax.plot(
+                steps, values, marker="o" if key.startswith("eval_") else None, label=labels[key]
+            )
     ax.set_xlabel("step")
-    ax.set_ylabel("loss")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
     return _png(fig)
+
+
+def loss_plot(curves: dict[str, list[tuple[int, float]]]) -> str | None:
+    return _curves_plot(curves, {"loss": "training loss", "eval_loss": "validation loss"}, "loss")
+
+
+def reward_plot(curves: dict[str, list[tuple[int, float]]]) -> str | None:
+    """GRPO: the mean reward of each step's rollouts and the held-out `eval_reward`."""
+    labels = {"reward": "training reward (rollout mean)", "eval_reward": "held-out reward"}
+    return _curves_plot(curves, labels, "grader reward")
 
 
 def delta_plot(comparisons: dict[str, dict[str, dict]]) -> str | None:

@@ -64,6 +64,58 @@ def _lm_eval_note(report: dict[str, Any]) -> str:
     )
 
 
+def read_training(run_dir: Path) -> dict[str, Any] | None:
+    """What train_summary.json says that changes how to read the eval: GRPO's rewards and
+    whether early stopping made an earlier checkpoint the adapter. None before training."""
+    path = run_dir / "train_summary.json"
+    if not path.exists():
+        return None
+    summary = json.loads(path.read_text())
+    return {"rewards": summary.get("rewards"), "early_stopping": summary.get("early_stopping")}
+
+
+def _training_notes(report: dict[str, Any]) -> list[str]:
+    """Sentences on the training run: early stop, GRPO rewards."""
+    training = report.get("training") or {}
+    notes = []
+    stop = training.get("early_stopping") or {}
+    if stop.get("stopped"):
+        notes.append(
+            f"Training stopped early at step {stop['stopped_at']}: {stop['reason']}. The run's "
+            f"adapter is the checkpoint of step {stop['best_step']} (the best {stop['metric']}), "
+            "not that of the last step."
+        )
+    if r := training.get("rewards"):
+        notes.append(
+            f"Training reward (grader mean per step): {_fmt(r.get('first_quarter_mean'))} over "
+            f"the first quarter of the steps, {_fmt(r.get('last_quarter_mean'))} over the last; "
+            f"held-out eval_reward {_fmt(r.get('eval_first'))} at the first evaluation, "
+            f"{_fmt(r.get('eval_last'))} at the last; {_fmt(r.get('grader_errors'))} grader "
+            "errors in training."
+        )
+    return notes
+
+
+def _grader_note(report: dict[str, Any]) -> str | None:
+    """The grader, each arm's mean and how many of its answers the grader failed on."""
+    g = report.get("grader")
+    if not g:
+        return None
+    arms = "; ".join(
+        f"{arm} mean {_fmt(a['mean'])}, {a['errors']}/{a['n']} errors"
+        + (f" (first: {a['error_reasons'][0]})" if a["error_reasons"] else "")
+        for arm, a in g["arms"].items()
+    )
+    return (
+        f"Grader {g['name']} ({g['type']}, from {g['source']}; row {g['metric']} in the tables; "
+        f"a sample it fails on scores 0): {arms}."
+    )
+
+
+def _notes(report: dict[str, Any]) -> list[str]:
+    return [*_training_notes(report), *filter(None, [_grader_note(report)])]
+
+
 def write_json(report: dict[str, Any], out: Path) -> Path:
     path = out / "report.json"
     path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
@@ -76,6 +128,8 @@ def write_markdown(report: dict[str, Any], out: Path) -> Path:
         f"{report['n_examples']} test examples; tests: exact McNemar (binary metrics), Wilcoxon "
         "signed-rank (continuous); 95% CIs by paired bootstrap. ↑ higher is better, ↓ lower."
     )
+    for note in _notes(report):
+        lines += ["", note]
     for cand, metrics in report["comparisons"].items():
         lines += ["", f"## {cand} vs base", "", "| " + " | ".join(_HEADER) + " |"]
         lines.append("|" + "---|" * len(_HEADER))
@@ -88,8 +142,9 @@ def write_markdown(report: dict[str, Any], out: Path) -> Path:
     lines += ["", "## Arms", ""]
     for name, arm in report["arms"].items():
         where = arm["adapter"] or arm["model"]
+        ppl = arm["metrics"].get("perplexity")  # none without reference answers (prompt rows)
         lines.append(
-            f"- **{name}**: `{where}` — perplexity {_fmt(arm['metrics'].get('perplexity'))}"
+            f"- **{name}**: `{where}`" + ("" if ppl is None else f" — perplexity {_fmt(ppl)}")
         )
     lines += ["", "Plots and examples where the arms differ: report.html.", ""]
     path = out / "report.md"
@@ -121,6 +176,7 @@ def write_html(
         f"<p>{report['n_examples']} test examples. Binary metrics: exact McNemar test; continuous: "
         "Wilcoxon signed-rank; 95% confidence intervals by paired bootstrap. ↑ higher is better, "
         "↓ lower is better.</p>",
+        *(f"<p>{e(note)}</p>" for note in _notes(report)),
     ]
     for cand, metrics in report["comparisons"].items():
         parts.append(f"<h2>{e(cand)} vs base</h2>")
@@ -129,8 +185,14 @@ def write_html(
             parts.append(f"<h3>{e(cand)} vs base: lm-eval tasks</h3>")
             parts.append(f"<p>{e(_lm_eval_note(report))}</p>")
             parts.append(_table(_HEADER, [row for row, _ in rows]))
-    titles = {"loss": "Training and validation loss", "deltas": "Differences with 95% CIs"}
+    titles = {
+        "loss": "Training and validation loss",
+        "rewards": "GRPO reward: training rollouts per step and held-out at evaluations",
+        "deltas": "Differences with 95% CIs",
+    }
     for key, title in titles.items():
+        if key == "rewards" and not plots.get(key):
+            continue  # only GRPO runs log rewards
         parts.append(f"<h2>{title}</h2>")
         if plots.get(key):
             parts.append(f"<img alt='{key}' src='data:image/png;base64,{plots[key]}'>")
@@ -142,10 +204,20 @@ def write_html(
         f"<h2>Examples where the arms differ ({len(differ)} of {report['n_examples']}, "
         f"first {min(len(differ), max_examples)} shown)</h2>"
     )
+    # Prompt rows (grpo data) have no reference answer: their item is what the grader read.
+    given = "reference" if all(x["reference"] is not None for x in differ) else "item"
     rows = [
-        [x["id"], x["prompt"], x["reference"], *(x["answers"][a] for a in arms)] for x in differ
+        [
+            x["id"],
+            x["prompt"],
+            x["reference"]
+            if given == "reference"
+            else json.dumps(x.get("item"), ensure_ascii=False),
+            *(x["answers"][a] for a in arms),
+        ]
+        for x in differ
     ]
-    parts.append(_table(["id", "prompt", "reference", *arms], rows[:max_examples]))
+    parts.append(_table(["id", "prompt", given, *arms], rows[:max_examples]))
     parts.append("</body></html>")
     path = out / "report.html"
     path.write_text("\n".join(parts))
@@ -168,4 +240,6 @@ def print_summary(report: dict[str, Any], html_path: Path, console: Console | No
             for row, significant in rows:
                 table.add_row(*row, style="bold" if significant else None)
             console.print(table)
+    for note in _notes(report):
+        console.print(note, markup=False)  # error reasons may hold [brackets]
     console.print(f"report: {html_path}")

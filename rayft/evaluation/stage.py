@@ -14,7 +14,7 @@ import numpy as np
 from rayft.cluster.connect import local_cpus, ray_session
 from rayft.cluster.watchdog import Watchdog
 from rayft.config import JobConfig
-from rayft.evaluation import lm_eval, plots, report
+from rayft.evaluation import grading, lm_eval, plots, report
 from rayft.evaluation.arms import Arm, base_arm, candidate_arm
 from rayft.evaluation.checks import run_check
 from rayft.evaluation.generate import score_arm
@@ -22,9 +22,12 @@ from rayft.evaluation.judge import judge_pairs
 from rayft.evaluation.metrics import corpus_bleu, text_metrics
 from rayft.evaluation.stats import paired_compare
 from rayft.evaluation.testset import EvalError, Example, load_general_text, load_test_split
+from rayft.graders import Scores, grade
 from rayft.manifest import record_stage
 
-# Per-example metrics: name -> (kind, higher_is_better). Checks are added as check:<name>.
+# Per-example metrics against the reference answer: name -> (kind, higher_is_better). Checks
+# are added as check:<name>, the grader as grader:<name>. Prompt rows (grpo data) have no
+# reference: these are then left out and the checks and the grader score the arms.
 _METRICS = {
     "exact_match": ("binary", True),
     "token_f1": ("continuous", True),
@@ -44,7 +47,7 @@ class EvalArtifacts:
 
 def _rows(examples: list[Example], texts: list[str]) -> list[dict[str, Any]]:
     rows = [
-        {"idx": i, "kind": "test", "prompt": json.dumps(e.prompt), "reference": e.reference}
+        {"idx": i, "kind": "test", "prompt": json.dumps(e.prompt), "reference": e.reference or ""}
         for i, e in enumerate(examples)
     ]
     n = len(rows)
@@ -63,23 +66,56 @@ def _score(
 ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Per-example scores of one arm and its arm-level numbers."""
     answers = [r["answer"] for r in results]
-    per = [text_metrics(a, e.reference) for a, e in zip(answers, examples, strict=True)]
-    scores = {
-        m: np.array([p[m] for p in per]) for m in ("exact_match", "token_f1", "rouge_l", "bleu")
-    }
-    scores["nll"] = _per_token(results)
+    references = [e.reference for e in examples]
+    scores: dict[str, np.ndarray] = {}
+    if None not in references:
+        per = [text_metrics(a, r) for a, r in zip(answers, references, strict=True)]
+        for m in ("exact_match", "token_f1", "rouge_l", "bleu"):
+            scores[m] = np.array([p[m] for p in per])
+        scores["nll"] = _per_token(results)
     for check in cfg.eval.checks:
         scores[f"check:{check.name}"] = np.array([float(run_check(check, a)) for a in answers])
-    nll_sum = sum(r["nll_sum"] for r in results)
-    n_tok = sum(int(r["n_tokens"]) for r in results)
     summary = {m: float(v.mean()) for m, v in scores.items()}
-    summary["perplexity"] = math.exp(nll_sum / max(1, n_tok))
-    summary["bleu_corpus"] = corpus_bleu(answers, [e.reference for e in examples])
+    if None not in references:
+        nll_sum = sum(r["nll_sum"] for r in results)
+        n_tok = sum(int(r["n_tokens"]) for r in results)
+        summary["perplexity"] = math.exp(nll_sum / max(1, n_tok))
+        summary["bleu_corpus"] = corpus_bleu(answers, references)
     return scores, summary
 
 
 def _prompt_text(messages: list[dict[str, str]]) -> str:
     return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+
+def _reference_text(e: Example) -> str:
+    """What the judge sees as the reference: a prompt row's item holds the grader's."""
+    if e.reference is not None:
+        return e.reference
+    return json.dumps(e.item, ensure_ascii=False) if e.item else "(none)"
+
+
+def _examples(
+    examples: list[Example],
+    answers: dict[str, list[str]],
+    scores: dict[str, dict[str, np.ndarray]],
+    graded: dict[str, Scores],
+) -> list[dict[str, Any]]:
+    """report.json's per-example rows: prompt, reference (or a prompt row's item), answers,
+    scores, and why the grader failed on an arm's answer where it did."""
+    out = []
+    for i, e in enumerate(examples):
+        row = {"id": e.id, "prompt": e.prompt[-1]["content"], "reference": e.reference}
+        if e.reference is None:
+            row["item"] = e.item
+        row["answers"] = {a: answers[a][i] for a in answers}
+        row["scores"] = {
+            a: {m: float(v[i]) for m, v in scores[a].items() if m != "general_nll"} for a in answers
+        }
+        if errors := {a: s.errors[i] for a, s in graded.items() if s.errors[i]}:
+            row["grader_errors"] = errors
+        out.append(row)
+    return out
 
 
 def evaluate(cfg: JobConfig) -> EvalArtifacts:
@@ -96,6 +132,11 @@ def evaluate(cfg: JobConfig) -> EvalArtifacts:
     arms: list[Arm] = [base] + [candidate_arm(c, run_dir, base.model, rank) for c in ev.candidates]
     if ev.lm_eval:
         lm_eval.check_names(ev.lm_eval.tasks)
+    spec, where = (
+        (ev.grader, "eval.grader") if ev.grader else (cfg.training.grader, "training.grader")
+    )
+    g = cfg.training.grpo
+    grader = grading.build_grader(spec, where, g.base_url, g.api_key_env) if spec else None
     rows = _rows(examples, texts)
     n = len(examples)
 
@@ -147,10 +188,26 @@ def evaluate(cfg: JobConfig) -> EvalArtifacts:
             summary["general_perplexity"] = math.exp(total)
         arm_report[arm.name] = {"model": arm.model, "adapter": arm.adapter, "metrics": summary}
 
-    kinds = {**_METRICS, **{f"check:{c.name}": ("binary", True) for c in ev.checks}}
+    answers = {a.name: [r["answer"] for r in results[a.name][:n]] for a in arms}
+    graded: dict[str, Scores] = {}
+    if grader:
+        items = [e.item for e in examples]
+        for arm in arms:
+            graded[arm.name] = got = grade(
+                grader, [{"output_text": a} for a in answers[arm.name]], items
+            )
+            scores[arm.name][grading.metric(grader)] = np.array(got.scores)
+            arm_report[arm.name]["metrics"][grading.metric(grader)] = float(np.mean(got.scores))
+
+    with_reference = all(e.reference is not None for e in examples)
+    kinds = {
+        **(_METRICS if with_reference else {}),
+        **{f"check:{c.name}": ("binary", True) for c in ev.checks},
+    }
+    if grader:
+        kinds[grading.metric(grader)] = (grading.kind(grader), True)
     if texts:
         kinds["general_nll"] = ("continuous", False)
-    answers = {a.name: [r["answer"] for r in results[a.name][:n]] for a in arms}
     comparisons: dict[str, dict[str, Any]] = {}
     for arm in arms[1:]:
         comparisons[arm.name] = {
@@ -167,7 +224,7 @@ def evaluate(cfg: JobConfig) -> EvalArtifacts:
         if ev.judge:
             judged = judge_pairs(
                 [_prompt_text(e.prompt) for e in examples],
-                [e.reference for e in examples],
+                [_reference_text(e) for e in examples],
                 answers["base"],
                 answers[arm.name],
                 base_url=ev.judge.base_url,
@@ -191,24 +248,16 @@ def evaluate(cfg: JobConfig) -> EvalArtifacts:
         "lm_eval": (
             {"tasks": lm_eval.compare(harness, ev.bootstrap_samples, ev.seed)} if harness else None
         ),
-        "examples": [
-            {
-                "id": e.id,
-                "prompt": e.prompt[-1]["content"],
-                "reference": e.reference,
-                "answers": {a: answers[a][i] for a in answers},
-                "scores": {
-                    a: {m: float(v[i]) for m, v in scores[a].items() if m != "general_nll"}
-                    for a in answers
-                },
-            }
-            for i, e in enumerate(examples)
-        ],
+        "grader": grading.summary(grader, where, graded) if grader else None,
+        "training": report.read_training(run_dir),
+        "examples": _examples(examples, answers, scores, graded),
     }
     out = run_dir / "eval"
     out.mkdir(parents=True, exist_ok=True)
+    metrics_file = run_dir / "metrics.jsonl"
     figures = {
-        "loss": plots.loss_plot(plots.read_loss_curves(run_dir / "metrics.jsonl")),
+        "loss": plots.loss_plot(plots.read_loss_curves(metrics_file)),
+        "rewards": plots.reward_plot(plots.read_curves(metrics_file, ("reward", "eval_reward"))),
         "deltas": plots.delta_plot(comparisons),
     }
     paths = EvalArtifacts(

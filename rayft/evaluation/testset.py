@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import pyarrow.dataset as pads
 
@@ -19,8 +20,9 @@ class EvalError(RayftError):
 @dataclass(frozen=True)
 class Example:
     id: str
-    prompt: list[dict[str, str]]  # the messages before the last assistant turn
-    reference: str  # the last assistant turn's content
+    prompt: list[dict[str, str]]  # the messages the arms answer
+    reference: str | None  # chat rows: the last assistant turn's content; prompt rows: none
+    item: dict[str, Any]  # what a grader reads as `item`: prompt rows' item, else {"reference"}
 
 
 def split_messages(messages: list[dict[str, str]], where: str) -> tuple[list[dict], str]:
@@ -31,32 +33,58 @@ def split_messages(messages: list[dict[str, str]], where: str) -> tuple[list[dic
     return messages[:last], messages[last]["content"]
 
 
+def _json(text: str | None, field: str, where: str) -> Any:
+    try:
+        return json.loads(text or "")
+    except ValueError as e:
+        raise EvalError(f"{where}: field '{field}' is not valid JSON: {e}") from None
+
+
+def _chat(row: dict[str, Any], i: int, where: str) -> Example | None:
+    if not row["messages"]:
+        return None  # plain-text rows have no prompt/answer pair to score
+    prompt, reference = split_messages(_json(row["messages"], "messages", where), where)
+    return Example(str(row.get("id") or i), prompt, reference, {"reference": reference})
+
+
+def _prompt(row: dict[str, Any], i: int, where: str) -> Example:
+    """A prompt row (grpo data): the messages to answer and the grader's item; no reference."""
+    prompt = _json(row["prompt"], "prompt", where)
+    item = _json(row["item"], "item", where) if row.get("item") else {}
+    if not isinstance(prompt, list) or not prompt or not isinstance(item, dict):
+        raise EvalError(
+            f"{where}: 'prompt' must be a non-empty list of messages and 'item' a JSON object; "
+            "run `rayft prepare` again to rewrite the split"
+        )
+    return Example(str(row.get("id") or i), prompt, None, item)
+
+
 def load_test_split(run_dir: Path, max_examples: int | None = None) -> list[Example]:
-    """Read `<run_dir>/data/test.parquet/` (SFT rows), in a stable order (by id)."""
+    """Read `<run_dir>/data/test.parquet/` (chat rows, or prompt rows of grpo data) in a stable
+    order (by id)."""
     path = run_dir / "data" / "test.parquet"
     if not path.exists():
         raise EvalError(f"{path}: no test split; run `rayft prepare` on this config first")
     table = pads.dataset(str(path), format="parquet").to_table()
     names = set(table.column_names)
-    if "messages" not in names:
+    if "messages" in names:
+        read, columns = _chat, ("id", "source", "messages")
+    elif {"prompt", "item"} <= names:
+        read, columns = _prompt, ("id", "source", "prompt", "item")
+    else:
         raise EvalError(
-            f"{path}: no 'messages' column (columns: {sorted(names)}); eval scores SFT chat "
-            "rows, not preference or plain-text data"
+            f"{path}: neither a 'messages' column nor 'prompt' and 'item' columns (columns: "
+            f"{sorted(names)}); eval scores chat rows and grpo prompt rows, not preference, "
+            "unpaired or plain-text data"
         )
-    rows = table.select([c for c in ("id", "source", "messages") if c in names]).to_pylist()
+    rows = table.select([c for c in columns if c in names]).to_pylist()
     examples = []
     for i, row in enumerate(rows):
-        where = f"{path} ({row.get('source') or f'row {i}'})"
-        if not row["messages"]:
-            continue  # plain-text rows have no prompt/answer pair to score
-        try:
-            messages = json.loads(row["messages"])
-        except ValueError as e:
-            raise EvalError(f"{where}: field 'messages' is not valid JSON: {e}") from None
-        prompt, reference = split_messages(messages, where)
-        examples.append(Example(str(row.get("id") or i), prompt, reference))
+        example = read(row, i, f"{path} ({row.get('source') or f'row {i}'})")
+        if example is not None:
+            examples.append(example)
     if not examples:
-        raise EvalError(f"{path}: no chat examples to evaluate")
+        raise EvalError(f"{path}: no examples to evaluate")
     # Ray Data writes files in no fixed order: sort so max_examples picks the same rows each time.
     examples.sort(key=lambda e: e.id)
     return examples[:max_examples] if max_examples else examples

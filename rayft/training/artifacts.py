@@ -64,6 +64,44 @@ def summarize(rows: list[dict[str, Any]], wall_s: float, **extra: Any) -> dict[s
     }
 
 
+def reward_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """GRPO: mean reward over the first and the last quarter of the logged steps, the held-out
+    reward at the first and last evaluation, and how many samples the grader failed on."""
+    train = [r["reward"] for r in rows if "reward" in r and "loss" in r]
+    evals = [r["eval_reward"] for r in rows if "eval_reward" in r]
+    q = max(len(train) // 4, 1)
+    mean = lambda xs: round(sum(xs) / len(xs), 4) if xs else None  # noqa: E731
+    return {
+        "first_quarter_mean": mean(train[:q]),
+        "last_quarter_mean": mean(train[-q:]),
+        "eval_first": evals[0] if evals else None,
+        "eval_last": evals[-1] if evals else None,
+        "grader_errors": sum(r.get("grader_errors", 0.0) for r in rows if "loss" in r),
+    }
+
+
+def planned_vs_measured(cfg: JobConfig, workers: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """`rayft plan`'s memory per worker for this job beside the largest peak a worker reported
+    (GPU: torch's allocations; CPU: the process's resident set, runtime included)."""
+    from rayft.plan.job import plan
+    from rayft.plan.shapes import ShapeError
+
+    try:
+        planned = plan(cfg)
+    except ShapeError:
+        return None
+    peak = max((w.get("peak_memory_gib") or 0.0 for w in workers), default=0.0)
+    per = planned["per_gpu_gib"]
+    return {
+        "device": planned["device"],
+        "planned_gib": per,
+        "measured_peak_gib": peak,
+        "measured_over_planned": round(peak / per, 3) if per and peak else None,
+        "measured": "torch.cuda.max_memory_allocated" if planned["device"] != "cpu"
+        else "peak resident set of the worker process (Python and libraries included)",
+    }  # fmt: skip
+
+
 def write_card(dest: Path, cfg: JobConfig, base_path: str, data_hash: str, summary: dict) -> None:
     """Model card with lineage: base, data hash, config, results."""
     t = cfg.training

@@ -15,11 +15,102 @@ class TrainConfigError(RayftError):
     """A training setup that cannot work; the message lists every problem and its fix."""
 
 
+# The objective `auto` picks for each kind of prepared data, and the data each objective takes.
+IMPLIED = {"sft": "sft", "preference": "dpo", "prompt": "grpo", "unpaired": "kto"}
+TAKES = {"sft": "sft", "dpo": "preference", "reward": "preference", "grpo": "prompt",
+         "kto": "unpaired"}  # fmt: skip
+DATA_HELP = {
+    "sft": "chat, instruction or text rows",
+    "preference": "preference pairs (prompt, chosen, rejected)",
+    "prompt": "prompt-only rows (data.format: reinforcement)",
+    "unpaired": "unpaired good/bad rows (data.format: kto: prompt, completion, label)",
+}
+
+
 def objective_for(cfg: JobConfig, data_kind: str) -> str:
-    """`sft` or `dpo`: the configured objective, or the one the prepared data implies."""
+    """The configured objective, or the one the prepared data implies."""
     if cfg.training.objective != "auto":
         return cfg.training.objective
-    return "dpo" if data_kind == "preference" else "sft"
+    return IMPLIED.get(data_kind, "sft")
+
+
+def _objective_problems(cfg: JobConfig, data_kind: str, objective: str) -> list[str]:
+    t, out = cfg.training, []
+    wants = TAKES[objective]
+    if wants != data_kind:
+        out.append(
+            f"training.objective={objective} trains on {DATA_HELP[wants]}, but the prepared "
+            f"data holds {DATA_HELP.get(data_kind, data_kind)}: prepare the right data, or use "
+            f"objective {IMPLIED.get(data_kind, 'sft')} (or auto)"
+        )
+    if objective == "grpo":
+        out += _grpo_problems(cfg)
+    elif t.grader is not None:
+        out.append(f"training.grader is set but objective {objective} has no rewards: use grpo")
+    if objective == "kto" and t.per_device_batch_size < 2:
+        out.append(
+            "training.objective=kto needs per_device_batch_size >= 2: its KL term pairs each "
+            "prompt with another row's completion from the same micro-batch"
+        )
+    es = t.early_stopping
+    if es is not None:
+        if not (cfg.data.split.validation or cfg.data.validation_files):
+            out.append(
+                "training.early_stopping needs a validation split to watch: set "
+                "data.split.validation (e.g. 0.1) or data.validation_files"
+            )
+        if t.eval_steps is None:
+            out.append(
+                "training.early_stopping needs training.eval_steps: how often to evaluate "
+                "(patience counts evaluations)"
+            )
+        elif t.save_steps is not None and t.save_steps != t.eval_steps:
+            out.append(
+                f"training.early_stopping saves a checkpoint at every evaluation so the best one "
+                f"can become the adapter: leave training.save_steps unset or equal to "
+                f"eval_steps ({t.eval_steps}), not {t.save_steps}"
+            )
+        if es.metric == "eval_reward" and objective != "grpo":
+            out.append(
+                "training.early_stopping.metric=eval_reward is a grader score: only grpo has one"
+            )
+    return out
+
+
+def _grpo_problems(cfg: JobConfig) -> list[str]:
+    t, g, out = cfg.training, cfg.training.grpo, []
+    if t.grader is None:
+        out.append(
+            "training.objective=grpo needs training.grader: the reward, e.g. "
+            '{type: text_similarity, input: "{{sample.output_text}}", reference: '
+            '"{{item.answer}}", evaluation_metric: rouge_l} (docs/graders.md)'
+        )
+    else:
+        from rayft.graders import GraderError, build
+
+        try:
+            build(t.grader, where="training.grader", allow_python=True, base_url=g.base_url)
+        except GraderError as e:
+            out.append(str(e))
+    per_step = cfg.cluster.num_workers * t.per_device_batch_size * t.gradient_accumulation_steps
+    if per_step % g.num_generations:
+        out.append(
+            f"training.grpo.num_generations ({g.num_generations}) must divide the completions "
+            f"of one step: cluster.num_workers x per_device_batch_size x "
+            f"gradient_accumulation_steps = {per_step}; e.g. per_device_batch_size "
+            f"{g.num_generations}"
+        )
+    if g.use_vllm and not cfg.cluster.use_gpu:
+        out.append(
+            "training.grpo.use_vllm generates with vLLM, which needs a GPU: set "
+            "cluster.use_gpu: true, or leave use_vllm off (the training model generates)"
+        )
+    if g.algorithm == "rloo" and (g.loss_type != "dapo" or g.scale_rewards != "group"):
+        out.append(
+            "training.grpo.loss_type and scale_rewards are GRPO's: RLOO normalises its "
+            "leave-one-out advantages itself; leave them at their defaults"
+        )
+    return out
 
 
 def problems(cfg: JobConfig, data_kind: str) -> list[str]:
@@ -27,16 +118,7 @@ def problems(cfg: JobConfig, data_kind: str) -> list[str]:
     t, ds, q = cfg.training, cfg.training.deepspeed, cfg.training.quantization
     out = []
     objective = objective_for(cfg, data_kind)
-    if objective == "dpo" and data_kind != "preference":
-        out.append(
-            "training.objective=dpo but the prepared data is SFT (no chosen/rejected pairs): "
-            "prepare preference data (data.format: preference) or use objective sft"
-        )
-    if objective == "sft" and data_kind == "preference":
-        out.append(
-            "training.objective=sft but the prepared data holds preference pairs: use objective "
-            "dpo (or auto)"
-        )
+    out += _objective_problems(cfg, data_kind, objective)
     if not cfg.cluster.use_gpu and t.precision == "fp16":
         out.append(
             "training.precision=fp16 needs a GPU (no fp16 autocast/grad scaling on CPU): use "

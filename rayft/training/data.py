@@ -20,6 +20,14 @@ from rayft.errors import RayftError
 
 SFT_COLUMNS = ["input_ids", "labels", "seq_lengths"]
 PREFERENCE_COLUMNS = ["prompt", "chosen", "rejected"]
+PROMPT_COLUMNS = ["prompt", "item"]  # grpo: the grader reads `item` (a JSON object)
+UNPAIRED_COLUMNS = ["prompt", "completion", "label"]  # kto
+COLUMNS = {
+    "sft": SFT_COLUMNS,
+    "preference": PREFERENCE_COLUMNS,
+    "prompt": PROMPT_COLUMNS,
+    "unpaired": UNPAIRED_COLUMNS,
+}
 
 
 class TrainDataError(RayftError):
@@ -27,7 +35,7 @@ class TrainDataError(RayftError):
 
 
 def data_kind(data_dir: Path) -> str:
-    """`sft` or `preference`, from data_report.json (or the first train row)."""
+    """`sft`, `preference`, `prompt` or `unpaired`, from data_report.json (or the first row)."""
     if not (data_dir / "train.parquet").exists():
         raise TrainDataError(
             f"{data_dir}/train.parquet: no prepared data; run `rayft prepare CONFIG` first "
@@ -36,7 +44,7 @@ def data_kind(data_dir: Path) -> str:
     report = data_dir / "data_report.json"
     if report.exists():
         kind = json.loads(report.read_text()).get("kind")
-        if kind in ("sft", "preference"):
+        if kind in COLUMNS:
             return kind
     import pyarrow.dataset as pads
 
@@ -54,7 +62,7 @@ def read_splits(data_dir: Path, kind: str) -> dict[str, Any]:
     import ray.data
 
     packed = kind == "sft" and (data_dir / "packed" / "train.parquet").exists()
-    columns = SFT_COLUMNS if kind == "sft" else PREFERENCE_COLUMNS
+    columns = COLUMNS[kind]
     out = {}
     for split in ("train", "validation"):
         path = split_path(data_dir, split, packed)
@@ -80,6 +88,12 @@ def features(kind: str):
     if kind == "sft":
         return Features({c: List(Value("int32")) for c in SFT_COLUMNS})
     message = {"role": Value("string"), "content": Value("string")}
+    if kind == "prompt":
+        return Features({"prompt": List(message), "item": Value("string")})
+    if kind == "unpaired":
+        return Features(
+            {"prompt": List(message), "completion": List(message), "label": Value("bool")}
+        )
     return Features({c: List(message) for c in PREFERENCE_COLUMNS})
 
 
@@ -93,6 +107,14 @@ def _rows(batch: dict[str, Any], kind: str) -> Iterator[dict[str, Any]]:
                 "input_ids": ids,
                 "labels": [int(x) for x in batch["labels"][i]],
                 "seq_lengths": [int(x) for x in lengths[i]] if lengths is not None else [len(ids)],
+            }
+        elif kind == "prompt":
+            yield {"prompt": json.loads(batch["prompt"][i]), "item": str(batch["item"][i] or "{}")}
+        elif kind == "unpaired":
+            yield {
+                "prompt": json.loads(batch["prompt"][i]),
+                "completion": [{"role": "assistant", "content": str(batch["completion"][i])}],
+                "label": bool(batch["label"][i]),
             }
         else:
             yield {

@@ -17,7 +17,15 @@ from rayft.cluster.connect import local_cpus, ray_session
 from rayft.cluster.watchdog import Watchdog
 from rayft.config import JobConfig
 from rayft.errors import RayftError
-from rayft.training.artifacts import export_model, read_metrics, summarize, write_card
+from rayft.training import early_stop
+from rayft.training.artifacts import (
+    export_model,
+    planned_vs_measured,
+    read_metrics,
+    reward_summary,
+    summarize,
+    write_card,
+)
 from rayft.training.checks import TrainConfigError, objective_for, refuse_bad_combinations
 from rayft.training.data import data_kind, read_splits
 from rayft.training.dsconfig import deepspeed_config
@@ -72,7 +80,7 @@ def train(cfg: JobConfig, resume: bool = False) -> TrainArtifacts:
         splits = read_splits(data_dir, kind)
         trainer = _torch_trainer(cfg, splits, storage, run_dir, _worker_config(
             cfg, facts, objective, kind, ds_config, "validation" in splits, dog.key
-        ))  # fmt: skip
+        ), objective)  # fmt: skip
         print(
             f"[rayft train] {cfg.name}: {t.method} {objective} on {cfg.model.base}, "
             f"{cfg.cluster.num_workers} workers, ZeRO {stage}, "
@@ -85,18 +93,26 @@ def train(cfg: JobConfig, resume: bool = False) -> TrainArtifacts:
 
     peft = t.method != "full"
     out_dir = run_dir / ("adapter" if peft else "model")
-    with result.checkpoint.as_directory() as ckpt:
+    kept = early_stop.adapter_checkpoint(result, t.early_stopping, objective)
+    with kept.as_directory() as ckpt:
         export_model(Path(ckpt), out_dir, base_path, peft)
+    rows = _session_rows(run_dir, metrics_path)
     summary = summarize(
-        [r for r in _session_rows(run_dir, metrics_path) if r.get("time", 0) >= session_start],
+        [r for r in rows if r.get("time", 0) >= session_start],
         wall,
         method=t.method,
         objective=objective,
         num_workers=cfg.cluster.num_workers,
         zero_stage=stage,
-        checkpoint=result.checkpoint.path,
+        checkpoint=kept.path,
         workers=_workers(run_dir),
     )
+    es = t.early_stopping.model_dump() if t.early_stopping else None
+    summary["early_stopping"] = early_stop.summary(rows, objective, es)
+    if objective == "grpo":
+        summary["rewards"] = reward_summary(rows)
+    if objective == "reward":
+        summary["reward_accuracy"] = _held_out_accuracy(out_dir, data_dir, base_path)
     per_token = flops_per_token(parameter_count(base_path), t.method)
     summary["model_flops_per_token"] = per_token
     summary["mfu"] = mfu(
@@ -114,13 +130,34 @@ def train(cfg: JobConfig, resume: bool = False) -> TrainArtifacts:
         run_dir, "train", cfg, data_hash=data_hash, base_path=base_path, output=str(out_dir),
         metrics=summary, facts=facts,
     )  # fmt: skip
+    stop = summary["early_stopping"]
+    if stop and stop["stopped"]:
+        print(
+            f"[rayft train] stopped early at step {stop['stopped_at']} of {t.max_steps}: "
+            f"{stop['reason']}; the adapter is the checkpoint of step {stop['best_step']}",
+            flush=True,
+        )
     print(
         f"[rayft train] done: {summary['steps']} steps, {summary['tokens']} tokens in "
         f"{wall:.0f}s, loss {summary['final_loss']}, eval loss {summary['final_eval_loss']}"
         f"{'' if summary['mfu'] is None else ', MFU {:.1%}'.format(summary['mfu'])} -> {out_dir}",
         flush=True,
     )
-    return TrainArtifacts(run_dir, out_dir, result.checkpoint.path, metrics_path, summary)
+    return TrainArtifacts(run_dir, out_dir, kept.path, metrics_path, summary)
+
+
+def _held_out_accuracy(out_dir: Path, data_dir: Path, base_path: str) -> dict | None:
+    """A reward model's pairwise accuracy on the test split (chosen scored above rejected),
+    with its 95% interval; scored here on the driver, so only for models up to 3B."""
+    import pyarrow.parquet as pq
+
+    from rayft.graders.reward import pairwise_accuracy
+
+    test = data_dir / "test.parquet"
+    if not test.exists() or parameter_count(base_path) > 3e9:
+        return None
+    rows = pq.read_table(test, columns=["prompt", "chosen", "rejected"]).to_pylist()
+    return pairwise_accuracy(str(out_dir), rows) if rows else None
 
 
 def _worker_config(
@@ -137,6 +174,8 @@ def _worker_config(
     that rank 0 beats on."""
     t, c = cfg.training, cfg.cluster
     save_steps = t.save_steps or t.max_steps
+    if t.early_stopping is not None and t.eval_steps:
+        save_steps = t.eval_steps  # every evaluation's checkpoint can become the adapter
     hf: dict[str, Any] = {
         "max_steps": t.max_steps,
         "learning_rate": t.learning_rate,
@@ -163,6 +202,7 @@ def _worker_config(
         "save_total_limit": 1,
         "report_to": list(t.tracking.backends) or "none",
         "include_num_input_tokens_seen": "all" if objective == "sft" else "no",
+        # A reward model's eval_loss is the pairwise loss; accuracy is logged besides it.
         "use_cpu": not c.use_gpu,
         "disable_tqdm": True,
         "dataloader_num_workers": 0,
@@ -184,6 +224,10 @@ def _worker_config(
         "seed": t.seed,
         "has_validation": has_val,
         "dpo_beta": t.dpo_beta,
+        "kto": t.kto.model_dump(),
+        "grpo": t.grpo.model_dump(),
+        "grader": t.grader,
+        "early_stopping": t.early_stopping.model_dump() if t.early_stopping else None,
         "shard_cache_bytes": t.shard_cache_mb * 2**20,
         "max_seq_len": cfg.data.max_seq_len,
         "hf": hf,
@@ -219,7 +263,14 @@ def _tracking_env(cfg: JobConfig) -> dict[str, str]:
     return env
 
 
-def _torch_trainer(cfg: JobConfig, splits: dict, storage: str, run_dir: Path, loop_config: dict):
+def _torch_trainer(
+    cfg: JobConfig,
+    splits: dict,
+    storage: str,
+    run_dir: Path,
+    loop_config: dict,
+    objective: str = "sft",
+):
     from ray.data import ExecutionOptions
     from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -240,12 +291,21 @@ def _torch_trainer(cfg: JobConfig, splits: dict, storage: str, run_dir: Path, lo
             name=cfg.name,
             storage_path=storage,
             failure_config=FailureConfig(max_failures=c.max_failures),
-            checkpoint_config=checkpoint_config(cfg.training.keep_checkpoints, has_val),
+            checkpoint_config=checkpoint_config(
+                cfg.training.keep_checkpoints,
+                has_val,
+                "eval_reward" if objective == "grpo" else "eval_loss",
+            ),
             callbacks=[MetricsFile(str(run_dir), cfg.training.max_steps)],
         ),
         datasets=splits,
         # Same blocks to the same worker in the same order on every run: resume replays exactly.
-        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
+        # GRPO's workers each read the whole prompt set (TRL's sampler groups the generations
+        # of one prompt and accelerate splits each batch between the workers).
+        dataset_config=DataConfig(
+            datasets_to_split=[] if objective == "grpo" else "all",
+            execution_options=ExecutionOptions(preserve_order=True),
+        ),
     )
 
 
@@ -269,15 +329,16 @@ def _watchdog(cfg: JobConfig) -> Watchdog:
     )
 
 
-def checkpoint_config(keep: int, has_validation: bool):
-    """Keep the `keep` best checkpoints by the validation loss that `RayReport` puts at the top
-    level of each checkpoint report; without a validation split, the latest ones."""
+def checkpoint_config(keep: int, has_validation: bool, metric: str = "eval_loss"):
+    """Keep the `keep` best checkpoints by the validation loss (GRPO: the held-out grader
+    reward) that `RayReport` puts at the top level of each checkpoint report; without a
+    validation split, the latest ones."""
     from ray.train import CheckpointConfig
 
     return CheckpointConfig(
         num_to_keep=keep,
-        checkpoint_score_attribute="eval_loss" if has_validation else None,
-        checkpoint_score_order="min",
+        checkpoint_score_attribute=metric if has_validation else None,
+        checkpoint_score_order="max" if metric == "eval_reward" else "min",
     )
 
 
@@ -312,28 +373,6 @@ def _check_resume(storage: str, name: str, resume: bool) -> None:
         )
     if resume and not exists:
         print(f"[rayft train] nothing to resume in {storage}/{name}: starting fresh", flush=True)
-
-
-def planned_vs_measured(cfg: JobConfig, workers: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """`rayft plan`'s memory per worker for this job beside the largest peak a worker reported
-    (GPU: torch's allocations; CPU: the process's resident set, runtime included)."""
-    from rayft.plan.job import plan
-    from rayft.plan.shapes import ShapeError
-
-    try:
-        planned = plan(cfg)
-    except ShapeError:
-        return None
-    peak = max((w.get("peak_memory_gib") or 0.0 for w in workers), default=0.0)
-    per = planned["per_gpu_gib"]
-    return {
-        "device": planned["device"],
-        "planned_gib": per,
-        "measured_peak_gib": peak,
-        "measured_over_planned": round(peak / per, 3) if per and peak else None,
-        "measured": "torch.cuda.max_memory_allocated" if planned["device"] != "cpu"
-        else "peak resident set of the worker process (Python and libraries included)",
-    }  # fmt: skip
 
 
 def _workers(run_dir: Path) -> list[dict[str, Any]]:

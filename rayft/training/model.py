@@ -32,9 +32,11 @@ def load_base(
     use_gpu: bool,
     revision: str | None = None,
     trust_remote_code: bool = False,
+    head: str = "causal",
 ):
-    """Load the base causal LM as `facts` say; 4-bit nf4/fp4 via bitsandbytes for qlora."""
-    from transformers import AutoModelForCausalLM
+    """Load the base as `facts` say; 4-bit nf4/fp4 via bitsandbytes for qlora. `head`: the
+    causal LM head, or `score` (one scalar per sequence: a reward model)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     kwargs: dict[str, Any] = {
         "dtype": torch_dtype(facts["compute_dtype"]),
@@ -47,13 +49,17 @@ def load_base(
         kwargs["dtype"] = torch_dtype(quant["loaded_dtype"])
         if facts["deepspeed"]["zero_stage"] != 3:
             kwargs["device_map"] = {"": torch.cuda.current_device() if use_gpu else "cpu"}
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if head == "score":
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.config.use_cache = False
     return model
 
 
-def adapter_config(method: str, lora: dict[str, Any]):
-    """PEFT LoraConfig for lora/qlora/dora; None for full fine-tuning."""
+def adapter_config(method: str, lora: dict[str, Any], task_type: str = "CAUSAL_LM"):
+    """PEFT LoraConfig for lora/qlora/dora; None for full fine-tuning. A SEQ_CLS adapter (a
+    reward model) also trains and saves the new score head (PEFT's modules_to_save)."""
     if method == "full":
         return None
     from peft import LoraConfig
@@ -64,5 +70,5 @@ def adapter_config(method: str, lora: dict[str, Any]):
         lora_dropout=lora["dropout"],
         target_modules=lora["target_modules"],
         use_dora=method == "dora",
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )

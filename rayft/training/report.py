@@ -93,13 +93,13 @@ class RayReport(TrainerCallback):
             if self.tokens0 is not None and now > self.t0:
                 row["tokens_per_s"] = (tokens - self.tokens0) / (now - self.t0)
             self.t0, self.tokens0 = now, tokens
-        for key in ("loss", "eval_loss"):
+        for key in ("loss", "eval_loss", "eval_reward"):
             if key in row:
                 self.last[key] = row[key]
         self.rows.append(row)
         if self.rank == 0 and "loss" in row:
             print(f"[rayft train] step {row['step']}/{self.max_steps} {_shown(row)}", flush=True)
-        if "eval_loss" in row:
+        if "eval_loss" in row or "eval_reward" in row:
             self._report("log")
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -246,9 +246,9 @@ class MetricsFile(ray.train.UserCallback):
         # HF's end-of-training row (runtime, mean loss) is no step's: train_summary.json reads
         # it from END_ROW, and every row of metrics.jsonl has a `loss` or an `eval_loss`.
         for row in rows:
-            if "loss" not in row and "eval_loss" not in row:
+            if "loss" not in row and "eval_loss" not in row and "eval_reward" not in row:
                 (Path(self.run_dir) / END_ROW).write_text(json.dumps(row) + "\n")
-        rows = [r for r in rows if "loss" in r or "eval_loss" in r]
+        rows = [r for r in rows if "loss" in r or "eval_loss" in r or "eval_reward" in r]
         if not rows:
             return
         path = Path(self.run_dir) / "metrics.jsonl"
@@ -291,7 +291,7 @@ class MetricsFile(ray.train.UserCallback):
         if rows:
             self._append(rows)
         for row in rows:
-            if "eval_loss" in row:
+            if "eval_loss" in row or "eval_reward" in row:
                 print(
                     f"[rayft train] step {row['step']}/{self.max_steps} {_shown(row)}", flush=True
                 )
@@ -303,6 +303,14 @@ class MetricsFile(ray.train.UserCallback):
 def _shown(row: dict[str, Any]) -> str:
     return " ".join(
         f"{k} {row[k]:.4g}"
-        for k in ("loss", "eval_loss", "eval_perplexity", "learning_rate", "tokens_per_s")
+        for k in (
+            "loss",
+            "reward",
+            "eval_loss",
+            "eval_reward",
+            "eval_perplexity",
+            "learning_rate",
+            "tokens_per_s",
+        )  # fmt: skip
         if k in row
     )

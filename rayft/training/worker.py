@@ -13,8 +13,11 @@ from torch.utils.data import DataLoader
 from torch.utils.data import IterableDataset as Stream
 
 from rayft.cluster.watchdog import beat
+from rayft.training import objectives
 from rayft.training.data import collator, endless_rows, features, one_pass
+from rayft.training.early_stop import EarlyStop, metric_for
 from rayft.training.model import adapter_config, load_base
+from rayft.training.objectives import FINITE
 from rayft.training.report import RayReport
 
 
@@ -41,7 +44,7 @@ def _train(config: dict[str, Any], output_dir: str) -> None:
         _alone_without_ddp()
     # TrainingArguments first: under ZeRO-3 they register the DeepSpeed config that
     # from_pretrained needs to build the model partitioned.
-    args = _training_args(objective, config, output_dir)
+    args = objectives.training_args(objective, config, output_dir)
     tokenizer = AutoTokenizer.from_pretrained(config["base_path"], revision=config["revision"])
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -51,15 +54,20 @@ def _train(config: dict[str, Any], output_dir: str) -> None:
         config["use_gpu"],
         revision=config["revision"],
         trust_remote_code=config["trust_remote_code"],
+        head="score" if objective == "reward" else "causal",
     )
+    if objective == "reward":  # the score head reads the last non-padding token
+        model.config.pad_token_id = tokenizer.pad_token_id
 
     seed, feats = config["seed"], features(kind)
     train_shard = ray.train.get_dataset_shard("train")
     eval_shard = ray.train.get_dataset_shard("validation") if config["has_validation"] else None
-    if objective == "dpo":
-        # DPOTrainer tokenizes its datasets up front, and a second reader of a streaming_split
-        # shard would wait forever for the other workers: hold this worker's shard (and only it)
-        # as a finite dataset; HF's sampler then handles epochs and the resume position.
+    if objective in FINITE or objective == "grpo":
+        # These trainers tokenize their datasets up front, and a second reader of a
+        # streaming_split shard would wait forever for the other workers: hold this worker's
+        # shard (and only it) as a finite dataset; HF's sampler then handles epochs and the
+        # resume position. GRPO's driver hands every worker the whole prompt set instead (its
+        # sampler repeats each prompt num_generations times and accelerate splits the batch).
         train_ds = Dataset.from_list(list(one_pass(train_shard, kind)), features=feats)
         eval_ds = None
         if eval_shard is not None:
@@ -77,36 +85,31 @@ def _train(config: dict[str, Any], output_dir: str) -> None:
                 functools.partial(one_pass, eval_shard, kind), features=feats
             )
 
+    callbacks = [
+        RayReport(config.get("fault"), config["hf"]["max_steps"], objective, config["progress"])
+    ]
+    es = config.get("early_stopping")
+    if es:
+        metric, mode = metric_for(objective, es["metric"])
+        callbacks.append(EarlyStop(metric, mode, es["patience"], es["min_delta"]))
     common = {
         "model": model,
         "args": args,
         "train_dataset": train_ds,
         "eval_dataset": eval_ds,
         "processing_class": tokenizer,
-        "peft_config": adapter_config(config["facts"]["method"], config["lora"]),
-        "callbacks": [
-            RayReport(config.get("fault"), config["hf"]["max_steps"], objective, config["progress"])
-        ],
+        "peft_config": adapter_config(
+            config["facts"]["method"],
+            config["lora"],
+            "SEQ_CLS" if objective == "reward" else "CAUSAL_LM",
+        ),
+        "callbacks": callbacks,
     }
-    if objective == "dpo":
-        from trl import DPOTrainer
-
-        trainer = DPOTrainer(**common)
-    else:
-        from trl import SFTTrainer
-
-        # SFTTrainer reads the first row of its train dataset to detect images; on the Ray
-        # shard that starts a Ray Data execution of the split, which it then abandons (6-9 s of
-        # the quickstart's start-up). So it is built over a one-row stand-in and handed the
-        # shard after; rayft's own loaders (_read_own_shard) read `trainer.train_dataset`.
-        stand_in = Dataset.from_list([{c: [0] for c in feats}], features=feats)
-        trainer = SFTTrainer(
-            **{**common, "train_dataset": stand_in}, data_collator=collator(tokenizer.pad_token_id)
-        )
-        trainer.train_dataset = train_ds
+    trainer = objectives.build(objective, common, config, collator(tokenizer.pad_token_id))
     # HF's PrinterCallback prints every log dict on every rank; RayReport prints rank 0's line.
     trainer.remove_callback(PrinterCallback)
-    _read_own_shard(trainer, config["shard_cache_bytes"])
+    if objective != "grpo":  # GRPO's own sampler must see the whole prompt set
+        _read_own_shard(trainer, config["shard_cache_bytes"])
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
@@ -143,22 +146,6 @@ def _alone_without_ddp() -> None:
         os.environ.pop(var, None)
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def _training_args(objective: str, config: dict[str, Any], output_dir: str):
-    hf = dict(config["hf"], output_dir=output_dir, deepspeed=config["ds_config"])
-    if objective == "dpo":
-        from trl import DPOConfig
-
-        # Preference rows are text: DPOTrainer applies the chat template and tokenizes them.
-        # With PEFT the reference model is the base with the adapter disabled (no second copy).
-        return DPOConfig(
-            **hf, beta=config["dpo_beta"], max_length=config["max_seq_len"], dataset_num_proc=None
-        )
-    from trl import SFTConfig
-
-    # Rows are already tokenized, masked and packed by `rayft prepare`: TRL must not redo it.
-    return SFTConfig(**hf, dataset_kwargs={"skip_prepare_dataset": True})
 
 
 def _read_own_shard(trainer, cache_bytes: int = 0) -> None:

@@ -1,5 +1,5 @@
 """POST /v1/chat/completions and /v1/completions: validate, route, answer (plain or streamed),
-copy to the shadow arm, log.
+copy to the shadow arm, log (and, with serve.log_content, keep what a chat asked and was told).
 
 Order matters: everything that can refuse a request (its shape, the server's limits, the model
 name, the context length, a schema the grammar cannot compile) runs before any engine or shadow
@@ -8,18 +8,21 @@ sees it, so a refused request is never generated and never logged as answered on
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures at runtime.
 import asyncio
+import functools
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from rayft.serving import bodies, tools
 from rayft.serving import openai_api as oa
+from rayft.serving.ab import JsonlLog
 from rayft.serving.errors import BadRequest, ServeError, engine_errors
 from rayft.serving.grammar import GrammarError, check
 from rayft.serving.prompts import chat_prompt, normalize
-from rayft.serving.protocol import SEED_RANGE, GenRequest, GenResult
+from rayft.serving.protocol import SEED_RANGE, Delta, GenRequest, GenResult
 from rayft.serving.routes import stream as sse
 from rayft.serving.routing import Target
 from rayft.serving.state import IngressState, State
@@ -64,6 +67,7 @@ async def complete(st: IngressState, request: Request, chat: bool) -> Response:
         st.spawn(_shadow(st, shadow, plan, rid))
     started = time.perf_counter()
     prompt_tokens = sum(len(g.prompt_ids) for g in plan.gens)  # once per prompt, as OpenAI counts
+    keeping = chat and st.s.job.serve.log_content
     if req.stream:
         pieces = st.engines[target.engine].options(stream=True).stream.remote(plan.gens[0])
         try:  # wait for the first piece: errors before it get a real status, not an event
@@ -75,6 +79,9 @@ async def complete(st: IngressState, request: Request, chat: bool) -> Response:
         except Exception as e:
             log(st, rid, plan, target, 500, started, prompt_tokens, stream=True)
             return server_error(e)
+        said = [first.text] if isinstance(first, Delta) else []  # the answer's text, streamed
+        if keeping:
+            pieces = _said(pieces, said)
 
         def done(status: int, completion: int, cached: int | None) -> None:
             log(
@@ -89,6 +96,12 @@ async def complete(st: IngressState, request: Request, chat: bool) -> Response:
                 stream=True,
                 cached=cached,
             )
+            if keeping and status == 200:  # what the client was sent, read as `choice` reads it
+                text = "".join(said)
+                split = tools.split_answer(
+                    text, plan.family, plan.tools, req.tool_choice, req.parallel_tool_calls
+                )
+                keep(st, rid, plan, target, *split)
 
         echo = "" if chat or not req.echo else echoed(plan, st.token_text[target.engine], 0)
         events = sse.events(st, rid, plan, target, pieces, first, echo, done)
@@ -107,6 +120,8 @@ async def complete(st: IngressState, request: Request, chat: bool) -> Response:
         log(st, rid, plan, target, status, started, prompt_tokens, tokens, cached=cached(results))
     tok = st.token_text[target.engine]
     choices = [choice(plan, tok, i // req.n, r) for i, r in enumerate(results)]
+    if keeping:
+        keep(st, rid, plan, target, choices[0].text, choices[0].tool_calls)
     used = bodies.usage(prompt_tokens, sum(r.completion_tokens for r in results), cached(results))
     body = (bodies.chat_body if chat else bodies.completion_body)(rid, req.model, choices, used)
     return JSONResponse(body, headers=headers)
@@ -220,6 +235,14 @@ def nth_seed(seed: int | None, i: int) -> int | None:
     return (seed - low + i) % (high - low + 1) + low
 
 
+async def _said(pieces, said: list[str]):
+    """The engine's streamed pieces, passed on, their text added to `said`."""
+    while (piece := await anext(pieces, None)) is not None:
+        if isinstance(piece, Delta):
+            said.append(piece.text)
+        yield piece
+
+
 async def _generate(st: IngressState, target: Target, gens: list[GenRequest], n: int) -> list:
     handle = st.engines[target.engine]
     asks = [replace(g, seed=nth_seed(g.seed, i)) for g in gens for i in range(n)]
@@ -325,3 +348,34 @@ def log(
     owner = st.registry.owners.get(target.arm)
     arm = f"{owner}:fine-tuned" if owner else target.arm
     st.metrics.observe(arm, status, latency, prompt, completion, shadow)
+
+
+@functools.cache
+def _transcripts(serve_dir: str) -> JsonlLog:
+    # One writer per file, as state.py's request and feedback logs, opened on first use: a
+    # server that does not keep content never creates the file.
+    return JsonlLog(Path(serve_dir) / "transcripts.jsonl")
+
+
+def keep(
+    st: IngressState,
+    rid: str,
+    plan: Plan,
+    target: Target,
+    content: str | None,
+    calls: list[dict],
+) -> None:
+    """One line of serve/transcripts.jsonl (serve.log_content): the messages as the request
+    sent them and the answer the client got (choice 0 when n > 1), for `rayft data
+    from-feedback`. An answer that calls tools is kept whole as `output_message` too."""
+    record = {
+        "id": rid,
+        "model": plan.req.model,
+        "experiment": target.experiment,
+        "arm": target.arm,
+        "messages": plan.req.messages,
+        "output": content,
+    }
+    if calls:
+        record["output_message"] = {"role": "assistant", "content": content, "tool_calls": calls}
+    _transcripts(st.s.serve_dir).write(record)
