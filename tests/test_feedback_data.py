@@ -31,6 +31,7 @@ from rayft.serving.ab import assign
 
 RAYFT = str(Path(sys.executable).parent / "rayft")
 KEY = "sk-feedback"
+ADMIN = "sk-feedback-admin"
 
 
 # ------------------------------------------------------------------ the rule and the accounting
@@ -244,6 +245,7 @@ def server(ray_local, tiny_model, tmp_path_factory):
             },
             "experiments": {"exp": {"arms": ARMS, "shadow": "a2"}},
             "log_content": True,
+            "admin_key": ADMIN,
             "max_tokens_limit": 64,
             "max_n": 2,
             "cpus_per_replica": 0.5,
@@ -418,3 +420,45 @@ def test_serve_feedback_to_kto_and_dpo_rows(server, tmp_path):
     }
     assert report["pii_redactions"]["email"] == 3  # P1's rows: r1, r2 and the r1/r2 pair
     assert report["excluded_arms"] == ["a2"]
+
+    # The loop closed: the KTO rows train an adapter (prepare -> train, objective auto -> kto),
+    # which the running server loads and serves as a new arm of a new experiment.
+    from rayft.data import prepare
+    from rayft.training import train
+
+    job = JobConfig.model_validate(
+        {
+            "name": "from-feedback",
+            "run_dir": str(cfg.run_path / "kto_run"),  # under serve.adapter_root
+            "model": {"base": cfg.model.base},
+            "data": {
+                "train_files": [str(out / "kto.jsonl")],
+                "split": {"validation": 0, "test": 0},
+            },
+            "training": {"max_steps": 4, "per_device_batch_size": 2, "learning_rate": 1e-2},
+            "cluster": {"num_workers": 1},
+        }
+    )
+    prepare(job)
+    data_report = json.loads((job.run_path / "data" / "data_report.json").read_text())
+    assert data_report["kind"] == "unpaired" and data_report["rows_out"]["train"] == 5
+    art = train(job)
+    assert art.summary["objective"] == "kto" and art.summary["steps"] == 4
+
+    def admin(method: str, path: str, body: dict) -> dict:
+        r = requests.request(
+            method, url.removesuffix("/v1") + path, json=body, timeout=120,
+            headers={"Authorization": f"Bearer {ADMIN}"},
+        )  # fmt: skip
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    admin("POST", "/admin/adapters", {"name": "kto1", "path": str(art.output_dir)})
+    admin("POST", "/admin/experiments", {"name": "loop", "arms": {"base": 1, "kto1": 1}})
+    user = next(
+        u
+        for u in (f"v{i}" for i in range(100))
+        if assign("loop", {"base": 1, "kto1": 1}, u) == "kto1"
+    )
+    arm, r = chat(P2, user, model="loop")
+    assert arm == "kto1" and r.choices[0].message.content is not None

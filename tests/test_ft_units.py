@@ -332,7 +332,8 @@ def test_job_create_refuses_unknown_fields(body, param):
         (create_body(metadata={"k" * 65: "v"}), "metadata"),
         (create_body(seed=-1), "seed"),
         (create_body(hyperparameters={"n_epochs": 0}), "hyperparameters.n_epochs"),
-        (create_body(method={"type": "reinforcement"}), "method.type"),
+        (create_body(method={"type": "distillation"}), "method.type"),
+        (create_body(method={"type": "reinforcement"}), "method"),
         ({"model": "tiny-llama"}, "training_file"),
     ],
 )
@@ -1102,3 +1103,83 @@ def test_a_new_server_adds_the_databases_loads_to_its_job_file(store):
     assert new.owners == {FT: "acme", "ab": "acme"}
     with pytest.raises(NotFound):
         new.route(FT, None, "globex")
+
+
+# --------------------------------------------------------------------------- reinforcement
+
+RFT_ROW = {"messages": [{"role": "user", "content": "2 + 2?"}], "answer": "4"}
+GRADER = {
+    "type": "string_check",
+    "name": "exact",
+    "input": "{{sample.output_text}}",
+    "reference": "{{item.answer}}",
+    "operation": "eq",
+}
+PYTHON = {"type": "python", "name": "p", "source": "def grade(sample, item):\n    return 1.0\n"}
+
+
+def rft(grader: dict = GRADER, **hyper) -> dict:
+    section = {"grader": grader, **({"hyperparameters": hyper} if hyper else {})}
+    return {"type": "reinforcement", "reinforcement": section}
+
+
+def test_reinforcement_jobs_train_grpo_with_the_requests_grader(svc, tmp_path):
+    f = put(svc, "acme", RFT_ROW, RFT_ROW)
+    row = create(svc, "acme", training_file=f["id"], method=rft(n_epochs=2, eval_interval=3))
+    assert row["method"]["reinforcement"]["grader"] == GRADER
+    hyper = row["method"]["reinforcement"]["hyperparameters"]
+    assert hyper == {
+        "n_epochs": 2, "batch_size": "auto", "learning_rate_multiplier": "auto", "eval_interval": 3
+    }  # fmt: skip
+    cfg = JobConfig.model_validate(
+        yaml.safe_load((tmp_path / "state" / "jobs" / row["id"] / "job.yaml").read_text())
+    )
+    assert cfg.training.objective == "grpo" and cfg.training.grader == GRADER
+    assert cfg.data.format == "reinforcement"
+    # OpenAI's client reads the job back, reinforcement method and grader included.
+    job = FineTuningJob.model_validate(job_object(row))
+    assert job.method.type == "reinforcement"
+    assert job.method.reinforcement.grader.type == "string_check"
+    assert job.hyperparameters.n_epochs == 2
+    svc.validate()  # RFT rows: messages ending with the user's turn, plus the grader's fields
+    assert svc.get("acme", row["id"])["status"] == "queued"
+
+
+def test_reinforcement_refuses_python_graders_and_bad_ones(svc):
+    f = put(svc, "acme", RFT_ROW)
+    with pytest.raises(BadRequest) as e:
+        create(svc, "acme", training_file=f["id"], method=rft(PYTHON))
+    assert e.value.param == "method.reinforcement.grader"
+    assert "only from a local job file" in str(e.value) or "python" in str(e.value)
+    nested = {"type": "multi", "name": "m", "graders": {"p": PYTHON}, "calculate_output": "p"}
+    with pytest.raises(BadRequest):  # nor hidden inside a multi grader
+        create(svc, "acme", training_file=f["id"], method=rft(nested))
+    with pytest.raises(BadRequest) as e:
+        create(svc, "acme", training_file=f["id"], method=rft({**GRADER, "operation": "equals"}))
+    assert "operation" in str(e.value)
+    with pytest.raises(BadRequest):  # the type without its section
+        create(svc, "acme", training_file=f["id"], method={"type": "reinforcement"})
+    with pytest.raises(BadRequest):  # OpenAI's own RL compute knob: the server sets rollouts
+        create(svc, "acme", training_file=f["id"], method=rft(compute_multiplier=2.0))
+
+
+def test_reinforcement_refuses_chat_answers_in_its_file(svc):
+    chat = put(svc, "acme", CHAT)
+    row = create(svc, "acme", training_file=chat["id"], method=rft())
+    svc.validate()
+    row = svc.get("acme", row["id"])
+    assert row["status"] == "failed" and row["error"]["param"] == "training_file"
+    assert "line 1" in row["error"]["message"]
+
+
+def test_reinforcement_job_file_batches_and_steps(tmp_path):
+    job = server_job(tmp_path, training={"grpo": {"num_generations": 4}})
+    hyper = {**AUTO, "batch_size": 4, "eval_interval": "auto"}
+    cfg = ft_runner.job_file(
+        job, "j", tmp_path / "r", TRAIN, hyper, "reinforcement", 1, grader=GRADER
+    )
+    t = cfg["training"]
+    # 4 prompts a step over 2 workers: each worker's micro-batch is one prompt's 4 completions
+    assert t["per_device_batch_size"] == 4 and t["gradient_accumulation_steps"] == 2
+    parsed = JobConfig.model_validate(cfg)
+    assert ft_runner.steps_for({"rows_out": {"train": 10}}, parsed, 2, 2) == 5  # 2 x 10 / 4

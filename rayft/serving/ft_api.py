@@ -48,16 +48,48 @@ class Dpo(_Strict):
     hyperparameters: DpoHyperparameters | None = None
 
 
+class ReinforcementHyperparameters(Hyperparameters):
+    # OpenAI's knobs of its own RL service: accepted as "auto" (what clients send by default),
+    # refused otherwise, since rayft's rollouts are set by the server's training.grpo.
+    compute_multiplier: Auto | PositiveFloat | None = None
+    eval_interval: Auto | PositiveInt | None = None
+    eval_samples: Auto | PositiveInt | None = None
+    reasoning_effort: Literal["default"] | None = Field(
+        None, description="the served models are not reasoning models: only `default`"
+    )
+
+    @model_validator(mode="after")
+    def _auto_only(self) -> ReinforcementHyperparameters:
+        for key in ("compute_multiplier", "eval_samples"):
+            if getattr(self, key) not in (None, "auto"):
+                raise ValueError(
+                    f"{key}: this server samples training.grpo.num_generations completions per "
+                    "prompt, set in its job file; send auto"
+                )
+        return self
+
+
+class Reinforcement(_Strict):
+    grader: dict[str, Any]
+    hyperparameters: ReinforcementHyperparameters | None = None
+
+
+SECTIONS = ("supervised", "dpo", "reinforcement")
+
+
 class Method(_Strict):
-    type: Literal["supervised", "dpo"]
+    type: Literal["supervised", "dpo", "reinforcement"]
     supervised: Supervised | None = None
     dpo: Dpo | None = None
+    reinforcement: Reinforcement | None = None
 
     @model_validator(mode="after")
     def _one_section(self) -> Method:
-        other = {"supervised": "dpo", "dpo": "supervised"}[self.type]
-        if getattr(self, other) is not None:
-            raise ValueError(f"method.{other} is given for a method of type {self.type}")
+        for other in SECTIONS:
+            if other != self.type and getattr(self, other) is not None:
+                raise ValueError(f"method.{other} is given for a method of type {self.type}")
+        if self.type == "reinforcement" and self.reinforcement is None:
+            raise ValueError("method.reinforcement (with its grader) is required for its type")
         return self
 
 
@@ -110,6 +142,7 @@ class JobCreate(_Strict):
         given = (inner or self.hyperparameters or Hyperparameters()).model_dump()
         keys = ["n_epochs", "batch_size", "learning_rate_multiplier"]
         keys += ["beta"] if self.kind() == "dpo" else []
+        keys += ["eval_interval"] if self.kind() == "reinforcement" else []
         return {k: "auto" if given.get(k) is None else given[k] for k in keys}
 
 
@@ -140,7 +173,9 @@ def job_object(row: dict[str, Any]) -> dict[str, Any]:
         "fine_tuned_model": row["fine_tuned_model"],
         "finished_at": row["finished_at"],
         "hyperparameters": {
-            k: v for k, v in method[method["type"]]["hyperparameters"].items() if k != "beta"
+            k: v
+            for k, v in method[method["type"]]["hyperparameters"].items()
+            if k in ("n_epochs", "batch_size", "learning_rate_multiplier")
         },
         "model": row["model"],
         "organization_id": row["tenant"],

@@ -122,6 +122,14 @@ def _bad(line: int, why: str) -> BadRequest:
     )
 
 
+# The rows each method trains on: (prepare's kind, as the error names them)
+WANT = {
+    "supervised": ("sft", "chat or text rows"),
+    "dpo": ("preference", "preference rows (input, preferred_output, non_preferred_output)"),
+    "reinforcement": ("prompt", "prompt rows (messages ending with a user turn, plus fields)"),
+}
+
+
 def check_rows(path: Path, file_id: str, param: str, kind: str) -> dict[str, str] | None:
     """The first row of the file that `rayft prepare` would reject, or a row of the wrong kind
     for the method (supervised: chat or text rows; dpo: preference rows), as a job error;
@@ -131,7 +139,7 @@ def check_rows(path: Path, file_id: str, param: str, kind: str) -> dict[str, str
             if not line.strip():
                 continue
             obj = json.loads(line)  # checked at upload
-            fmt = formats.detect(obj)
+            fmt = formats.detect(obj, "grpo" if kind == "reinforcement" else "auto")
             try:
                 if fmt is None:
                     raise RowError(
@@ -140,14 +148,11 @@ def check_rows(path: Path, file_id: str, param: str, kind: str) -> dict[str, str
                 example = formats.to_example(obj, fmt)
             except RowError as e:
                 return row_error(param, file_id, line_no, e.field, e.reason)
-            want = "preference" if kind == "dpo" else "sft"
+            want, need = WANT[kind]
             if example.kind != want:
                 what = "a preference row" if example.kind == "preference" else f"a {fmt} row"
-                method = "dpo" if kind == "dpo" else "supervised"
-                need = "preference rows (input, preferred_output, non_preferred_output)"
-                need = need if kind == "dpo" else "chat or text rows"
                 return row_error(
-                    param, file_id, line_no, "(row)", f"{what}; method {method} needs {need}"
+                    param, file_id, line_no, "(row)", f"{what}; method {kind} needs {need}"
                 )
     return None
 

@@ -122,8 +122,10 @@ class Service:
         job_dir = self.state / "jobs" / job_id
         kind = req.kind()
         method = {"type": kind, kind: {"hyperparameters": hyper}}
+        if kind == "reinforcement":
+            method[kind]["grader"] = self._grader(req.method.reinforcement.grader)
         seed = req.seed if req.seed is not None else random.randrange(2**31)
-        self._write_job_dir(job_dir, job_id, rows, hyper, kind, seed)
+        self._write_job_dir(job_dir, job_id, rows, hyper, kind, seed, method[kind].get("grader"))
         self.store.add(
             "jobs", id=job_id, tenant=tenant, model=self.base_name,
             training_file=req.training_file, validation_file=req.validation_file,
@@ -133,6 +135,18 @@ class Service:
         )  # fmt: skip
         self.event(job_id, f"Validating training file: {req.training_file}")
         return self.get(tenant, job_id)
+
+    def _grader(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """A reinforcement job's grader, checked as training will build it, except that a
+        python grader is refused: a request must never run code on the cluster."""
+        from rayft.graders import GraderError, build
+
+        where = "method.reinforcement.grader"
+        try:
+            build(spec, where=where, allow_python=False, base_url=self.job.training.grpo.base_url)
+        except GraderError as e:
+            raise BadRequest(str(e), where, "invalid_value") from None
+        return spec
 
     def _bounds(self, hyper: dict[str, Any]) -> None:
         limits = {
@@ -150,9 +164,9 @@ class Service:
                 )
 
     def _write_job_dir(self, job_dir: Path, job_id: str, files: dict, hyper: dict,
-                       kind: str, seed: int) -> None:  # fmt: skip
+                       kind: str, seed: int, grader: dict | None = None) -> None:  # fmt: skip
         data = job_file(
-            self.job, job_id, job_dir / "run", files, hyper, kind, seed, _this_cluster()
+            self.job, job_id, job_dir / "run", files, hyper, kind, seed, _this_cluster(), grader
         )
         job_dir.mkdir(parents=True)
         (job_dir / "job.yaml").write_text(yaml.safe_dump(data, sort_keys=False))

@@ -71,15 +71,22 @@ def progress(svc, row: dict[str, Any]) -> None:
     seen = min(row["metrics_read"], len(rows))  # a restored run rewrites its replayed rows
     total = total_steps(run_dir.parent)
     for r in rows[seen:]:
+        rewards = _rewards(r)  # reinforcement jobs: the grader's mean, as OpenAI names it
         if "loss" in r:
             svc.event(
-                row["id"], f"Step {r['step']}/{total}: training loss={r['loss']:.4f}",
-                step=r["step"], total_steps=total, train_loss=r["loss"],
+                row["id"], f"Step {r['step']}/{total}: training loss={r['loss']:.4f}"
+                + (f", reward={r['reward']:.4f}" if "reward" in r else ""),
+                step=r["step"], total_steps=total, train_loss=r["loss"], **rewards,
             )  # fmt: skip
-        elif "eval_loss" in r:
+        elif "eval_loss" in r or "eval_reward" in r:
+            shown = (
+                f"validation reward={r['eval_reward']:.4f}" if "eval_reward" in r
+                else f"validation loss={r['eval_loss']:.4f}"
+            )  # fmt: skip
+            valid = {"valid_loss": r["eval_loss"]} if "eval_loss" in r else {}
             svc.event(
-                row["id"], f"Step {r['step']}/{total}: validation loss={r['eval_loss']:.4f}",
-                step=r["step"], total_steps=total, valid_loss=r["eval_loss"],
+                row["id"], f"Step {r['step']}/{total}: {shown}",
+                step=r["step"], total_steps=total, **valid, **rewards,
             )  # fmt: skip
     values: dict[str, Any] = {"metrics_read": len(rows)}
     steps = [r["step"] for r in rows if "loss" in r]
@@ -116,6 +123,17 @@ def step_metrics(rows: list[dict[str, Any]], step: int) -> dict[str, Any]:
             out["train_loss"] = r["loss"]
         if r.get("step") == step and "eval_loss" in r:
             out["valid_loss"] = out["full_valid_loss"] = r["eval_loss"]
+        if r.get("step") == step:
+            out.update(_rewards(r))
+    return out
+
+
+def _rewards(r: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    if "reward" in r:
+        out["train_reward_mean"] = r["reward"]
+    if "eval_reward" in r:
+        out["valid_reward_mean"] = r["eval_reward"]
     return out
 
 

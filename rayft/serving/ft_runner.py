@@ -22,15 +22,18 @@ from rayft.errors import RayftError
 from rayft.serving.errors import BadRequest
 from rayft.serving.ft_files import row_error
 
+OBJECTIVE = {"supervised": "sft", "dpo": "dpo", "reinforcement": "grpo"}
+
 
 def job_file(
     job: JobConfig, job_id: str, run_dir: Path, files: dict[str, dict], hyper: dict[str, Any],
-    kind: str, seed: int, address: str | None = None,
+    kind: str, seed: int, address: str | None = None, grader: dict | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """The job file of one fine-tuning job: the server's own job file (model, data rules,
     training defaults, cluster) with the request's files and hyperparameters. Nothing else of
     the request reaches it: no paths, no config keys. `address`: the serving cluster's GCS,
-    which the job's stages connect to by name."""
+    which the job's stages connect to by name; `grader`: a reinforcement job's (checked, never
+    a python one)."""
     cfg = job.model_dump(mode="json", exclude={"serve", "eval", "export"})
     cfg["name"], cfg["run_dir"] = job_id, str(run_dir)
     d = cfg["data"]
@@ -42,7 +45,12 @@ def job_file(
     d["format"] = "auto"
     t = cfg["training"]
     t["seed"] = seed
-    t["objective"] = "dpo" if kind == "dpo" else "sft"
+    t["objective"] = OBJECTIVE[kind]
+    if kind == "reinforcement":
+        d["format"] = "reinforcement"  # OpenAI's RFT rows: messages without the answer + fields
+        t["grader"] = grader
+        if hyper.get("eval_interval", "auto") != "auto":
+            t["eval_steps"] = hyper["eval_interval"]
     if "validation_file" not in files:
         t["eval_steps"] = None
     if hyper["learning_rate_multiplier"] != "auto":
@@ -58,7 +66,8 @@ def job_file(
                 "hyperparameters.batch_size",
                 "invalid_value",
             )
-        t["per_device_batch_size"] = 1
+        # GRPO's micro-batch holds completions: one prompt's group per worker per micro-step
+        t["per_device_batch_size"] = t["grpo"]["num_generations"] if kind == "reinforcement" else 1
         t["gradient_accumulation_steps"] = hyper["batch_size"] // workers
     cfg["cluster"]["address"] = address
     return cfg
@@ -70,6 +79,8 @@ def steps_for(report: dict[str, Any], cfg: JobConfig, epochs: int, workers: int)
     packing = report.get("packing") or {}
     sequences = (packing.get("sequences") or {}).get("train") or report["rows_out"]["train"]
     per_step = t.per_device_batch_size * t.gradient_accumulation_steps * workers
+    if t.objective == "grpo":  # a step's completions are num_generations per prompt
+        per_step = max(1, per_step // t.grpo.num_generations)
     return max(1, math.ceil(epochs * sequences / per_step))
 
 
