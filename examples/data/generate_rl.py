@@ -2,10 +2,11 @@
 
     python examples/data/generate_rl.py     # writes support_rft.jsonl and support_pairs.jsonl
 
-- support_rft.jsonl: OpenAI's reinforcement fine-tuning rows. The prompt is the conversation
-  without its answer; `reference_answer` (the triage JSON) and `category` are the fields a
-  grader reads as {{item.reference_answer}} and {{item.category}}. configs/grpo-demo.yaml trains
-  on it with a text_similarity grader.
+- support_rft.jsonl: OpenAI's reinforcement fine-tuning rows. The prompt asks for the
+  message's category in one word; `reference_answer` (the category) and `triage` (the full
+  triage JSON) are the fields a grader reads as {{item.reference_answer}} and {{item.triage}}.
+  configs/grpo-demo.yaml trains on it with a text_similarity grader: the base model answers
+  with chatty sentences, and the reward rises as the policy learns to answer with the category.
 - support_pairs.jsonl: preference rows for a reward model (configs/reward-demo.yaml): the
   chosen answer is the right triage, the rejected one the same answer with another category —
   a reward model must read the customer's message to tell them apart.
@@ -18,6 +19,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 CATEGORIES = ["billing", "shipping", "account", "technical", "returns"]
+ASK = (
+    "Which category is this support message: billing, shipping, account, technical or returns? "
+    "Answer with the category only."
+)
 
 
 def main() -> None:
@@ -27,7 +32,11 @@ def main() -> None:
         prompt = [m for m in row["messages"] if m["role"] != "assistant"]
         answer = next(m["content"] for m in row["messages"] if m["role"] == "assistant")
         category = json.loads(answer)["category"]
-        rft.append({"messages": prompt, "reference_answer": answer, "category": category})
+        question = [
+            *prompt[:-1],
+            {"role": "user", "content": f"{ASK}\n\n{prompt[-1]['content']}"},
+        ]
+        rft.append({"messages": question, "reference_answer": category, "triage": answer})
         wrong = CATEGORIES[(CATEGORIES.index(category) + 1 + i % 4) % len(CATEGORIES)]
         rejected = answer.replace(f'"category": "{category}"', f'"category": "{wrong}"')
         pairs.append({"prompt": prompt, "chosen": answer, "rejected": rejected})
