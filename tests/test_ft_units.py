@@ -1125,7 +1125,10 @@ def rft(grader: dict = GRADER, **hyper) -> dict:
 
 def test_reinforcement_jobs_train_grpo_with_the_requests_grader(svc, tmp_path):
     f = put(svc, "acme", RFT_ROW, RFT_ROW)
-    row = create(svc, "acme", training_file=f["id"], method=rft(n_epochs=2, eval_interval=3))
+    row = create(
+        svc, "acme", training_file=f["id"], validation_file=f["id"],
+        method=rft(n_epochs=2, eval_interval=3),
+    )  # fmt: skip
     assert row["method"]["reinforcement"]["grader"] == GRADER
     hyper = row["method"]["reinforcement"]["hyperparameters"]
     assert hyper == {
@@ -1135,7 +1138,7 @@ def test_reinforcement_jobs_train_grpo_with_the_requests_grader(svc, tmp_path):
         yaml.safe_load((tmp_path / "state" / "jobs" / row["id"] / "job.yaml").read_text())
     )
     assert cfg.training.objective == "grpo" and cfg.training.grader == GRADER
-    assert cfg.data.format == "reinforcement"
+    assert cfg.data.format == "reinforcement" and cfg.training.eval_steps == 3
     # OpenAI's client reads the job back, reinforcement method and grader included.
     job = FineTuningJob.model_validate(job_object(row))
     assert job.method.type == "reinforcement"
@@ -1183,3 +1186,13 @@ def test_reinforcement_job_file_batches_and_steps(tmp_path):
     assert t["per_device_batch_size"] == 4 and t["gradient_accumulation_steps"] == 2
     parsed = JobConfig.model_validate(cfg)
     assert ft_runner.steps_for({"rows_out": {"train": 10}}, parsed, 2, 2) == 5  # 2 x 10 / 4
+    hyper = {**AUTO, "eval_interval": 3}
+    cfg = ft_runner.job_file(
+        job, "j", tmp_path / "r", {**TRAIN, **VALID}, hyper, "reinforcement", 1, grader=GRADER
+    )
+    assert cfg["training"]["eval_steps"] == 3
+    with pytest.raises(BadRequest) as e:  # without a validation file there is nothing to run
+        ft_runner.job_file(
+            job, "j", tmp_path / "r", TRAIN, hyper, "reinforcement", 1, grader=GRADER
+        )
+    assert e.value.param == "hyperparameters.eval_interval"

@@ -50,6 +50,12 @@ def job_file(
         d["format"] = "reinforcement"  # OpenAI's RFT rows: messages without the answer + fields
         t["grader"] = grader
         if hyper.get("eval_interval", "auto") != "auto":
+            if "validation_file" not in files:  # nothing to evaluate: refused, not dropped
+                raise BadRequest(
+                    "hyperparameters.eval_interval needs a validation_file to evaluate on",
+                    "hyperparameters.eval_interval",
+                    "invalid_value",
+                )
             t["eval_steps"] = hyper["eval_interval"]
     if "validation_file" not in files:
         t["eval_steps"] = None
