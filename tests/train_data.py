@@ -169,46 +169,45 @@ def write_preference(run_dir: str | Path, n_train: int = 32, n_val: int = 8) -> 
 
 def write_prompts(run_dir: str | Path, rows: dict[str, list[dict]]) -> Path:
     """Write prompt-only splits (GRPO): `rows[split]` holds {"prompt": text, **item fields}."""
-    data = Path(run_dir) / "data"
-    for split, items in rows.items():
-        prompts = [json.dumps([{"role": "user", "content": r["prompt"]}]) for r in items]
-        extra = [json.dumps({k: v for k, v in r.items() if k != "prompt"}) for r in items]
-        table = pa.table(
-            {
-                "id": [hashlib.sha256((p + e).encode()).hexdigest()[:16]
-                       for p, e in zip(prompts, extra, strict=True)],
-                "source": [f"rl.jsonl:{i + 1}" for i in range(len(items))],
-                "kind": ["prompt"] * len(items),
-                "prompt": prompts,
-                "item": extra,
-                "num_tokens": pa.array([20] * len(items), type=pa.int32()),
-            }
-        )  # fmt: skip
-        _write(table, data / f"{split}.parquet", files=1)
-    report = {"kind": "prompt", "rows_out": {s: len(r) for s, r in rows.items()}}
-    (data / "data_report.json").write_text(json.dumps(report))
-    return data
+    return _write_kind(
+        run_dir, "prompt", "rl.jsonl", rows,
+        lambda r: json.dumps({k: v for k, v in r.items() if k != "prompt"}),
+        lambda items: {"item": [json.dumps({k: v for k, v in r.items() if k != "prompt"})
+                                for r in items]},
+    )  # fmt: skip
 
 
 def write_unpaired(run_dir: str | Path, rows: dict[str, list[dict]]) -> Path:
     """Write KTO splits: `rows[split]` holds {"prompt": text, "completion": text, "label": bool}."""
+    return _write_kind(
+        run_dir, "unpaired", "kto.jsonl", rows, lambda r: r["completion"],
+        lambda items: {
+            "completion": [r["completion"] for r in items],
+            "label": pa.array([bool(r["label"]) for r in items], type=pa.bool_()),
+        },
+    )  # fmt: skip
+
+
+def _write_kind(run_dir, kind: str, source: str, rows: dict[str, list[dict]], key, columns):
+    """Splits of `kind`: one user-turn prompt per row, ids from the prompt and key(row), the
+    kind's own `columns(rows)` after the prompt, and a data_report.json naming the kind."""
     data = Path(run_dir) / "data"
     for split, items in rows.items():
         prompts = [json.dumps([{"role": "user", "content": r["prompt"]}]) for r in items]
+        ids = [hashlib.sha256((p + key(r)).encode()).hexdigest()[:16]
+               for p, r in zip(prompts, items, strict=True)]  # fmt: skip
         table = pa.table(
             {
-                "id": [hashlib.sha256((p + r["completion"]).encode()).hexdigest()[:16]
-                       for p, r in zip(prompts, items, strict=True)],
-                "source": [f"kto.jsonl:{i + 1}" for i in range(len(items))],
-                "kind": ["unpaired"] * len(items),
+                "id": ids,
+                "source": [f"{source}:{i + 1}" for i in range(len(items))],
+                "kind": [kind] * len(items),
                 "prompt": prompts,
-                "completion": [r["completion"] for r in items],
-                "label": pa.array([bool(r["label"]) for r in items], type=pa.bool_()),
-                "num_tokens": pa.array([30] * len(items), type=pa.int32()),
+                **columns(items),
+                "num_tokens": pa.array([20] * len(items), type=pa.int32()),
             }
-        )  # fmt: skip
+        )
         _write(table, data / f"{split}.parquet", files=1)
-    report = {"kind": "unpaired", "rows_out": {s: len(r) for s, r in rows.items()}}
+    report = {"kind": kind, "rows_out": {s: len(r) for s, r in rows.items()}}
     (data / "data_report.json").write_text(json.dumps(report))
     return data
 

@@ -246,9 +246,9 @@ class MetricsFile(ray.train.UserCallback):
         # HF's end-of-training row (runtime, mean loss) is no step's: train_summary.json reads
         # it from END_ROW, and every row of metrics.jsonl has a `loss` or an `eval_loss`.
         for row in rows:
-            if "loss" not in row and "eval_loss" not in row and "eval_reward" not in row:
+            if not _step_row(row):
                 (Path(self.run_dir) / END_ROW).write_text(json.dumps(row) + "\n")
-        rows = [r for r in rows if "loss" in r or "eval_loss" in r or "eval_reward" in r]
+        rows = [r for r in rows if _step_row(r)]
         if not rows:
             return
         path = Path(self.run_dir) / "metrics.jsonl"
@@ -298,6 +298,11 @@ class MetricsFile(ray.train.UserCallback):
         if checkpoint is not None:
             step = metrics[0].get("step", "?")
             print(f"[rayft train] step {step}: checkpoint {checkpoint.path}", flush=True)
+
+
+def _step_row(row: dict[str, Any]) -> bool:
+    """A training step's or an evaluation's row (GRPO evaluations may log only eval_reward)."""
+    return "loss" in row or "eval_loss" in row or "eval_reward" in row
 
 
 def _shown(row: dict[str, Any]) -> str:
